@@ -1,0 +1,340 @@
+"""``SafetyGuidedQuantization``: thin Lightning orchestration of the quantizer, the loss terms and the feedback loop.
+
+Hook by hook:
+
+* ``setup``: swap Conv/Linear layers for quantized twins (before the optimizer exists and before checkpoint weights
+  load, so ``bits``/``exponent`` are trained by the user's own ``configure_optimizers`` and restored on resume).
+* ``on_fit_start``: move ``bits``/``exponent`` into a param group of their own (``weight_decay=0``, own lr); set up
+  the preservation data.
+* each training step (through :class:`~lightning_sgsc.mixin.SafetyGuidedMixin`): the compression terms.
+* ``on_validation_epoch_end`` (or ``on_train_epoch_end`` when there is no validation loop): measure the
+  preservation set, restore or prune, log size metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from typing_extensions import override
+
+from lightning_sgsc.config import FeedbackConfig, LossWeights, QuantizationConfig, Schedule
+from lightning_sgsc.errors import SGSCTypeError, SGSCValueError, describe_rule
+from lightning_sgsc.feedback import (
+    Action,
+    Event,
+    FeedbackPolicy,
+    apply_decision,
+    probe_weight_grads,
+    taylor_restore_scores,
+)
+from lightning_sgsc.losses import bits_per_weight, l1_term, weighted_sum
+from lightning_sgsc.mixin import SafetyGuidedMixin
+from lightning_sgsc.quant.modules import QuantizedLayer, quantized_layers, quantizer_parameters
+from lightning_sgsc.quant.swap import quantize_
+from lightning_sgsc.size import model_size
+
+PreservationData = Dataset | DataLoader
+
+
+class SafetyGuidedQuantization(Callback):
+    """Learns a bit depth and exponent per output channel of every Conv/Linear layer while the model trains.
+
+    Args:
+        init_bits: starting bit depth, 2 to 16.
+        include: fnmatch patterns of layer names to quantize (default: every Conv1d, Conv2d and Linear,
+            classifier heads included).
+        exclude: fnmatch patterns of layer names to leave in float.
+        l1_weight: weight of the mean |w| term (constant or function of the epoch).
+        bit_weight: weight of the average-bits-per-weight penalty (constant or function of the epoch).
+        preservation_weight: weight of the preservation loss. ``None``: 1.0 when there is preservation data.
+        quantizer_lr: learning rate of the ``bits``/``exponent`` param group (``weight_decay`` is 0 there).
+        preservation_data: a Dataset or DataLoader of examples the compressed model must keep right. ``None``:
+            ``preservation_size`` examples drawn at random (seeded) from the training dataset at fit start.
+        preservation_size: size of the set drawn when ``preservation_data`` is ``None``.
+        preservation_batch_size: batch size of preservation batches.
+        threshold: largest allowed drop of the preservation metric before channels are restored.
+        restore_fraction: fraction of zero-bit channels restored when the metric dropped, (0, 1].
+        restore_bits: bit depth of a restored channel.
+        min_channels: channels every quantized layer keeps at least.
+        prune: make zero-bit channels permanent when the metric held.
+        reference: ``"best"`` or ``"first"``: what the preservation metric is compared with.
+        seed: seed of every random choice the callback makes.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[SafetyGuidedQuantization(init_bits=8, bit_weight=0.02)])
+        trainer.fit(model)   # model: class Net(SafetyGuidedMixin, L.LightningModule)
+    """
+
+    def __init__(
+        self,
+        init_bits: float = 8.0,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        l1_weight: Schedule = 0.0,
+        bit_weight: Schedule = 0.01,
+        preservation_weight: Schedule | None = None,
+        quantizer_lr: float = 0.01,
+        preservation_data: PreservationData | None = None,
+        preservation_size: int = 256,
+        preservation_batch_size: int = 64,
+        threshold: float = 0.02,
+        restore_fraction: float = 0.25,
+        restore_bits: float = 2.0,
+        min_channels: int = 1,
+        prune: bool = True,
+        reference: str = "best",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.quant_config = QuantizationConfig(init_bits=init_bits, include=include, exclude=exclude)
+        if preservation_weight is not None and not callable(preservation_weight) and preservation_weight > 0:
+            if preservation_data is None and preservation_size == 0:
+                raise SGSCValueError(
+                    describe_rule("preservation_weight", "0 when there is no preservation data", preservation_weight)
+                    + " Pass `preservation_data=` or a `preservation_size` > 0."
+                )
+        self.loss_weights = LossWeights(
+            l1_weight=l1_weight,
+            bit_weight=bit_weight,
+            preservation_weight=1.0 if preservation_weight is None else preservation_weight,
+        )
+        if isinstance(quantizer_lr, bool) or not isinstance(quantizer_lr, (int, float)) or not quantizer_lr > 0:
+            raise SGSCValueError(describe_rule("quantizer_lr", "a number > 0", quantizer_lr))
+        if preservation_data is not None and not isinstance(preservation_data, (Dataset, DataLoader)):
+            raise SGSCTypeError(
+                describe_rule("preservation_data", "a torch Dataset or DataLoader (or None)", type(preservation_data))
+            )
+        for arg, value in (("preservation_size", preservation_size), ("preservation_batch_size",
+                                                                     preservation_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if arg == "preservation_size" else 1):
+                rule = "an integer >= 0" if arg == "preservation_size" else "an integer >= 1"
+                raise SGSCValueError(describe_rule(arg, rule, value))
+        self.feedback_config = FeedbackConfig(
+            threshold=threshold,
+            restore_fraction=restore_fraction,
+            restore_bits=restore_bits,
+            min_channels=min_channels,
+            prune=prune,
+            reference=reference,
+        )
+        self.quantizer_lr = float(quantizer_lr)
+        self.preservation_data = preservation_data
+        self.preservation_size = preservation_size
+        self.preservation_batch_size = preservation_batch_size
+        self.seed = seed
+        self.policy = FeedbackPolicy(self.feedback_config)
+        self.history: list[dict[str, Any]] = []
+        self.swapped_layers: list[str] = []
+        self._layers: list[QuantizedLayer] = []
+        self._preservation_loader: DataLoader | None = None
+        self._preservation_iter: Iterator[Any] | None = None
+        self._preservation_indices: list[int] | None = None
+        self._feedback_epoch = -1
+
+    # ------------------------------------------------------------------------------------------------ set up
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, SafetyGuidedMixin):
+            raise SGSCTypeError(
+                describe_rule("model", "a LightningModule that inherits SafetyGuidedMixin", type(pl_module).__name__)
+                + " Declare it as `class Net(SafetyGuidedMixin, L.LightningModule)` so the loss terms are added."
+            )
+        existing = quantized_layers(pl_module)
+        if existing:  # a second fit, or a model the user swapped: re-use, never swap twice
+            self.swapped_layers = [name for name, _ in existing]
+        else:
+            self.swapped_layers = quantize_(
+                pl_module,
+                init_bits=self.quant_config.init_bits,
+                include=self.quant_config.include,
+                exclude=self.quant_config.exclude,
+            )
+            rank_zero_info(f"[sgsc] quantized {len(self.swapped_layers)} layers at {self.quant_config.init_bits:g} bits")
+        self._layers = [m for _, m in quantized_layers(pl_module)]
+        self.feedback_config = dataclasses.replace(self.feedback_config, mode=pl_module.preservation_metric_mode)
+        self.policy.config = self.feedback_config
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.optimizers:
+            self._own_param_group(trainer, pl_module)
+        self._setup_preservation(trainer)
+
+    def _own_param_group(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Moves ``bits``/``exponent`` out of the user's param groups into one of their own."""
+        optimizer = trainer.optimizers[0]
+        qparams = quantizer_parameters(pl_module)
+        qids = {id(p) for p in qparams}
+        template: dict[str, Any] = {}
+        for group in optimizer.param_groups:
+            if any(id(p) in qids for p in group["params"]):
+                template = template or {k: v for k, v in group.items() if k != "params"}
+                group["params"] = [p for p in group["params"] if id(p) not in qids]
+            if group.get("sgsc_quantizer"):
+                return  # already done on a previous fit with this optimizer
+        template = template or {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        template.update(lr=self.quantizer_lr, initial_lr=self.quantizer_lr, weight_decay=0.0, sgsc_quantizer=True)
+        optimizer.add_param_group({"params": qparams, **template})
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = list(scheduler.base_lrs)[: len(optimizer.param_groups) - 1] + [self.quantizer_lr]
+
+    # ------------------------------------------------------------------------------------------- preservation
+
+    def _setup_preservation(self, trainer: pl.Trainer) -> None:
+        data = self.preservation_data
+        if isinstance(data, DataLoader):
+            self._preservation_loader = data
+        else:
+            if data is None:
+                data = self._sample_training_data(trainer)
+            if data is None:
+                self._preservation_loader = None
+                return
+            if hasattr(data, "__len__") and len(data) == 0:  # type: ignore[arg-type]
+                raise SGSCValueError(describe_rule("preservation_data", "a non-empty Dataset or DataLoader", data))
+            generator = torch.Generator().manual_seed(self.seed)
+            self._preservation_loader = DataLoader(
+                data, batch_size=self.preservation_batch_size, shuffle=True, generator=generator
+            )
+        if len(self._preservation_loader) == 0:
+            raise SGSCValueError(describe_rule("preservation_data", "a non-empty Dataset or DataLoader", data))
+        self._preservation_iter = None
+
+    def _sample_training_data(self, trainer: pl.Trainer) -> Dataset | None:
+        if self.preservation_size == 0:
+            return None
+        source = trainer.fit_loop._data_source
+        loader = source.dataloader() if source.is_defined() else None
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__"):
+            rank_zero_warn(
+                "[sgsc] no map-style training dataset to draw a preservation set from; pass `preservation_data=`."
+                " Training without preservation loss and feedback."
+            )
+            return None
+        if self._preservation_indices is None:  # a resumed run keeps the indices from its checkpoint
+            generator = torch.Generator().manual_seed(self.seed)
+            n = min(self.preservation_size, len(dataset))
+            self._preservation_indices = torch.randperm(len(dataset), generator=generator)[:n].tolist()
+        return Subset(dataset, self._preservation_indices)
+
+    def next_preservation_batch(self, device: torch.device) -> Any:
+        """The next preservation batch (cycling through the set), on ``device``."""
+        assert self._preservation_loader is not None
+        if self._preservation_iter is None:
+            self._preservation_iter = iter(self._preservation_loader)
+        try:
+            batch = next(self._preservation_iter)
+        except StopIteration:
+            self._preservation_iter = iter(self._preservation_loader)
+            batch = next(self._preservation_iter)
+        return move_data_to_device(batch, device)
+
+    def _preservation_batches(self, device: torch.device) -> Iterator[Any]:
+        assert self._preservation_loader is not None
+        for batch in self._preservation_loader:
+            yield move_data_to_device(batch, device)
+
+    # ---------------------------------------------------------------------------------------------- loss terms
+
+    def compression_terms(self, pl_module: SafetyGuidedMixin) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(weighted sum, raw terms)`` for one training step; called by the mixin."""
+        epoch = pl_module.current_epoch  # type: ignore[attr-defined]
+        weights = self.loss_weights.at(epoch)
+        terms: dict[str, Tensor] = {"bits": bits_per_weight(self._layers)}
+        if weights["l1"]:
+            terms["l1"] = l1_term(self._layers)
+        if weights["preservation"] and self._preservation_loader is not None:
+            batch = self.next_preservation_batch(pl_module.device)  # type: ignore[attr-defined]
+            terms["preservation"] = pl_module.preservation_step(batch)
+        else:
+            weights["preservation"] = 0.0
+        return weighted_sum(terms, {k: w for k, w in weights.items() if k in terms}), terms
+
+    # ------------------------------------------------------------------------------------------------ feedback
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self._feedback(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.enable_validation and self._feedback_epoch != trainer.current_epoch:
+            self._feedback(trainer, pl_module)
+
+    def _feedback(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._feedback_epoch = trainer.current_epoch
+        if self._preservation_loader is not None:
+            was_training = pl_module.training
+            pl_module.eval()
+            with torch.inference_mode(False), torch.no_grad():
+                metric = pl_module.preservation_evaluate(self._preservation_batches(pl_module.device))  # type: ignore[operator]
+            decision = self.policy.decide(metric)
+            if decision.action is Action.SKIP:
+                rank_zero_warn(f"[sgsc] preservation metric is {metric}; skipping restore/prune this time.")
+            event = apply_decision(
+                pl_module,
+                decision,
+                self.feedback_config,
+                restore_scores=lambda: self._restore_scores(pl_module),
+                optimizers=list(trainer.optimizers),
+            )
+            pl_module.train(was_training)
+            event = Event(**{**event.as_dict(), "epoch": trainer.current_epoch, "step": trainer.global_step})
+            self.history.append(event.as_dict())
+            pl_module.log("sgsc/preservation_metric", metric)
+            pl_module.log("sgsc/restored_channels", float(event.restored))
+            pl_module.log("sgsc/pruned_channels", float(event.pruned))
+        self._log_size(pl_module)
+
+    def _restore_scores(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        with torch.inference_mode(False), torch.enable_grad(), probe_weight_grads(pl_module) as grads:
+            for batch in self._preservation_batches(pl_module.device):
+                loss = pl_module.preservation_step(batch)  # type: ignore[operator]
+                loss.backward(inputs=[layer._weight_probe for layer in self._layers])  # type: ignore[misc]
+        return taylor_restore_scores(pl_module, grads, self.feedback_config.restore_bits)
+
+    def _log_size(self, pl_module: pl.LightningModule) -> None:
+        size = model_size(pl_module)
+        pl_module.log("sgsc/bits_per_weight", size.bits_per_weight)
+        pl_module.log("sgsc/model_bytes", float(size.total_bytes))
+        pl_module.log("sgsc/compression_ratio", size.compression_ratio)
+        pl_module.log("sgsc/zero_bit_channels", float(size.zero_bit_channels))
+        pl_module.log("sgsc/pruned_total", float(size.pruned_channels))
+        for layer in size.layers:
+            pl_module.log(f"sgsc/bits/{layer.name}", layer.mean_bits)
+
+    # ----------------------------------------------------------------------------------------------- state
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.state_dict(),
+            "history": [dict(e) for e in self.history],
+            "swapped_layers": list(self.swapped_layers),
+            "preservation_indices": self._preservation_indices,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state_dict["policy"])
+        self.history = [dict(e) for e in state_dict["history"]]
+        self._preservation_indices = state_dict.get("preservation_indices")
+
+

@@ -1,0 +1,6 @@
+"""Example models and datamodules used by the demo, the Hydra app, the CLI and the experiments."""
+
+from lightning_sgsc.examples.data import DigitsDataModule
+from lightning_sgsc.examples.models import ClassifierModule, DigitsCNN
+
+__all__ = ["ClassifierModule", "DigitsCNN", "DigitsDataModule"]

@@ -1,0 +1,262 @@
+"""Restore-and-prune: the feedback loop that keeps the preservation set safe. No Trainer in here.
+
+At each check the preservation metric is compared with a reference (the best value so far, by default):
+
+* it degraded by more than ``threshold``: restore a fraction of the zero-bit channels to ``restore_bits``,
+  choosing the channels whose return would lower the preservation loss the most (first-order Taylor estimate
+  ``|<dL/dw_q, w_restored>|``, see :func:`probe_weight_grads`);
+* otherwise: make the zero-bit channels permanent (pruned: ``b`` and weights frozen at zero, their optimizer state
+  cleared), never leaving a layer with fewer than ``min_channels`` channels;
+* a NaN/inf metric: do nothing (skip), so garbage never restores or prunes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_sgsc.config import FeedbackConfig, MetricMode, ReferencePolicy
+from lightning_sgsc.quant.functional import init_exponent, quantize
+from lightning_sgsc.quant.modules import QuantizedLayer, quantized_layers
+
+Masks = dict[str, Tensor]
+
+
+class Action(str, Enum):
+    """What a feedback check decided."""
+
+    RESTORE = "restore"
+    PRUNE = "prune"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The verdict on one measurement of the preservation metric."""
+
+    action: Action
+    metric: float
+    reference: float | None
+    degradation: float
+
+
+class FeedbackPolicy:
+    """Compares each preservation measurement with a reference and says restore, prune or skip.
+
+    Stateful (the reference); :meth:`state_dict` / :meth:`load_state_dict` carry it through checkpoints.
+    """
+
+    def __init__(self, config: FeedbackConfig) -> None:
+        self.config = config
+        self.reference: float | None = None
+
+    def degradation(self, metric: float) -> float:
+        """How much worse ``metric`` is than the reference, in the metric's units (negative: better)."""
+        if self.reference is None:
+            return 0.0
+        if self.config.mode is MetricMode.MAX:
+            return self.reference - metric
+        return metric - self.reference
+
+    def decide(self, metric: float) -> Decision:
+        """Judges one measurement and updates the reference."""
+        if not math.isfinite(metric):
+            return Decision(Action.SKIP, metric, self.reference, float("nan"))
+        drop = self.degradation(metric)
+        action = Action.RESTORE if drop > self.config.threshold else Action.PRUNE
+        reference = self.reference
+        better = drop < 0
+        if self.reference is None or (self.config.reference is ReferencePolicy.BEST and better):
+            self.reference = metric
+        return Decision(action, metric, reference, drop)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reference = state["reference"]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One feedback check, as recorded in the callback's history and logs."""
+
+    action: str
+    metric: float
+    reference: float | None
+    degradation: float
+    restored: int
+    pruned: int
+    zero_bit: int
+    epoch: int = -1
+    step: int = -1
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------- channels
+
+
+@torch.no_grad()
+def zero_bit_channels(model: nn.Module) -> Masks:
+    """Per layer, the channels at zero bits that are not pruned yet (candidates to restore or to prune)."""
+    return {name: (layer.bits <= 0) & ~layer.pruned for name, layer in quantized_layers(model)}
+
+
+def _count(masks: Masks) -> int:
+    return int(sum(int(m.sum()) for m in masks.values()))
+
+
+def select_top(scores: dict[str, Tensor], candidates: Masks, fraction: float) -> Masks:
+    """The ``ceil(fraction * n)`` candidate channels with the highest scores, over all layers together."""
+    names = [n for n in candidates if bool(candidates[n].any())]
+    if not names:
+        return {n: torch.zeros_like(m) for n, m in candidates.items()}
+    flat_scores = torch.cat([scores[n].detach().float().flatten()[candidates[n]] for n in names])
+    k = min(math.ceil(fraction * flat_scores.numel()), flat_scores.numel())
+    chosen = torch.zeros(flat_scores.numel(), dtype=torch.bool)
+    chosen[torch.topk(flat_scores.cpu(), k).indices] = True
+    out: Masks = {n: torch.zeros_like(m) for n, m in candidates.items()}
+    offset = 0
+    for n in names:
+        idx = candidates[n].nonzero().flatten()
+        sel = chosen[offset : offset + idx.numel()].to(idx.device)
+        out[n][idx[sel]] = True
+        offset += idx.numel()
+    return out
+
+
+@torch.no_grad()
+def restore_channels_(model: nn.Module, selection: Masks, bits: float) -> int:
+    """Sets the selected channels to ``bits`` bits, with exponents that clip none of their weights."""
+    layers = dict(quantized_layers(model))
+    total = 0
+    for name, mask in selection.items():
+        if not bool(mask.any()):
+            continue
+        layer = layers[name]
+        layer.bits[mask] = float(bits)
+        layer.exponent[mask] = init_exponent(layer.weight[mask], bits).to(layer.exponent.dtype)
+        total += int(mask.sum())
+    return total
+
+
+def restore_candidates_value(layer: QuantizedLayer, bits: float) -> Tensor:
+    """The weights channel by channel would get if restored at ``bits`` bits (used to score restores)."""
+    with torch.no_grad():
+        exp = init_exponent(layer.weight, bits)
+        b = torch.full_like(layer.bits, float(bits))
+        return quantize(layer.weight, b, exp)
+
+
+@contextmanager
+def probe_weight_grads(model: nn.Module) -> Iterator[dict[str, Tensor]]:
+    """Within the block, each twin adds a zero tensor to its quantized weight; after ``loss.backward()`` the
+    returned dict holds ``dL/dw_q`` per layer (read it after the block)."""
+    layers = quantized_layers(model)
+    probes: dict[str, Tensor] = {}
+    for name, layer in layers:
+        probe = torch.zeros_like(layer.weight, dtype=torch.float32, requires_grad=True)
+        layer._weight_probe = probe
+        probes[name] = probe
+    grads: dict[str, Tensor] = {}
+    try:
+        yield grads
+    finally:
+        for name, layer in layers:
+            layer._weight_probe = None
+            g = probes[name].grad
+            grads[name] = g if g is not None else torch.zeros_like(probes[name])
+
+
+def taylor_restore_scores(model: nn.Module, grads: dict[str, Tensor], bits: float) -> dict[str, Tensor]:
+    """``|sum_i g_ci * w_ci|`` per channel: first-order change of the loss if channel c came back at ``bits``."""
+    scores = {}
+    for name, layer in quantized_layers(model):
+        value = restore_candidates_value(layer, bits).float()
+        g = grads[name].float()
+        scores[name] = (g * value).reshape(value.shape[0], -1).sum(dim=1).abs()
+    return scores
+
+
+@torch.no_grad()
+def enforce_min_channels(model: nn.Module, to_prune: Masks, min_channels: int) -> tuple[Masks, Masks]:
+    """Splits ``to_prune`` so each layer keeps ``min_channels``: returns ``(prune, keep_alive)``.
+
+    ``keep_alive`` are the candidates spared (largest float weight norm first); they must be restored, since a
+    zero-bit channel that is not pruned still outputs zero.
+    """
+    layers = dict(quantized_layers(model))
+    prune: Masks = {}
+    keep: Masks = {}
+    for name, mask in to_prune.items():
+        layer = layers[name]
+        alive_after = int((~layer.pruned & ~mask).sum())
+        spare = max(0, min_channels - alive_after)
+        keep_mask = torch.zeros_like(mask)
+        if spare:
+            idx = mask.nonzero().flatten()
+            norms = layer.weight[idx].reshape(idx.numel(), -1).norm(dim=1)
+            keep_mask[idx[torch.topk(norms, min(spare, idx.numel())).indices]] = True
+        prune[name] = mask & ~keep_mask
+        keep[name] = keep_mask
+    return prune, keep
+
+
+@torch.no_grad()
+def prune_channels_(model: nn.Module, selection: Masks, optimizers: list[torch.optim.Optimizer] = ()) -> int:  # type: ignore[assignment]
+    """Makes the selected channels permanent zeros: ``pruned`` set, ``bits`` and weights zeroed, and every
+    per-parameter optimizer state of those rows (Adam moments, momentum) cleared so nothing moves them again."""
+    layers = dict(quantized_layers(model))
+    total = 0
+    for name, mask in selection.items():
+        if not bool(mask.any()):
+            continue
+        layer = layers[name]
+        layer.pruned |= mask
+        layer.bits[mask] = 0.0
+        layer.weight[mask] = 0.0
+        for opt in optimizers:
+            for param in (layer.weight, layer.bits):
+                for value in opt.state.get(param, {}).values():
+                    if isinstance(value, Tensor) and value.shape == param.shape:
+                        value[mask] = 0
+        total += int(mask.sum())
+    return total
+
+
+def apply_decision(
+    model: nn.Module,
+    decision: Decision,
+    config: FeedbackConfig,
+    restore_scores: Callable[[], dict[str, Tensor]],
+    optimizers: list[torch.optim.Optimizer] = (),  # type: ignore[assignment]
+) -> Event:
+    """Carries out ``decision`` on ``model``. ``restore_scores`` is called only when channels are to be restored."""
+    candidates = zero_bit_channels(model)
+    zero_bit = _count(candidates)
+    restored = pruned = 0
+    if decision.action is Action.RESTORE and zero_bit:
+        selection = select_top(restore_scores(), candidates, config.restore_fraction)
+        restored = restore_channels_(model, selection, config.restore_bits)
+    elif decision.action is Action.PRUNE and zero_bit and config.prune:
+        to_prune, keep_alive = enforce_min_channels(model, candidates, config.min_channels)
+        restored = restore_channels_(model, keep_alive, config.restore_bits)
+        pruned = prune_channels_(model, to_prune, optimizers)
+    return Event(
+        action=decision.action.value,
+        metric=decision.metric,
+        reference=decision.reference,
+        degradation=decision.degradation,
+        restored=restored,
+        pruned=pruned,
+        zero_bit=zero_bit,
+    )

@@ -1,0 +1,56 @@
+"""The compression terms of the loss, as pure functions of the model.
+
+``total = task + l1_weight * l1_term + bit_weight * bits_per_weight + preservation_weight * preservation_loss``
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_sgsc.quant.modules import QuantizedLayer, quantized_layers
+
+
+def _layers(model: nn.Module | list[QuantizedLayer]) -> list[QuantizedLayer]:
+    return model if isinstance(model, list) else [m for _, m in quantized_layers(model)]
+
+
+def l1_term(model: nn.Module | list[QuantizedLayer]) -> Tensor:
+    """Mean absolute float weight over every quantized layer's kept (unpruned) channels.
+
+    A mean, not a sum, so its weight means the same for a tiny and a large model.
+    """
+    layers = _layers(model)
+    total = layers[0].weight.new_zeros(())
+    count = 0
+    for layer in layers:
+        keep = (~layer.pruned).to(layer.weight.dtype).reshape((-1,) + (1,) * (layer.weight.dim() - 1))
+        total = total + (layer.weight.abs() * keep).sum()
+        count += layer.weight.numel()
+    return total / max(count, 1)
+
+
+def bits_per_weight(model: nn.Module | list[QuantizedLayer]) -> Tensor:
+    """Average learned bit depth per quantized weight, ``sum_c max(b_c, 0) * fan_in_c / n_weights``; differentiable.
+
+    This is the bit-depth penalty: its gradient reaches every channel's ``b`` in proportion to the channel's size.
+    """
+    layers = _layers(model)
+    total = layers[0].bits.new_zeros(())
+    count = 0
+    for layer in layers:
+        total = total + layer.effective_bits().sum() * layer.fan_in
+        count += layer.weight.numel()
+    return total / max(count, 1)
+
+
+def weighted_sum(terms: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+    """``sum(weights[k] * terms[k])`` over the keys of ``weights`` whose weight is not 0."""
+    out: Tensor | None = None
+    for key, weight in weights.items():
+        if weight:
+            part = weight * terms[key]
+            out = part if out is None else out + part
+    if out is None:
+        return torch.zeros(())
+    return out

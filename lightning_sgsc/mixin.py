@@ -1,0 +1,146 @@
+"""The LightningModule mixin: adds the compression terms to the loss the user's own ``training_step`` returns.
+
+::
+
+    class Net(SafetyGuidedMixin, L.LightningModule):
+        def training_step(self, batch, batch_idx):      # unchanged user code
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+The mixin wraps each ``training_step`` a subclass defines (``__init_subclass__``), so with the
+:class:`~lightning_sgsc.callback.SafetyGuidedQuantization` callback in the Trainer the optimised loss becomes
+``task + l1_weight * L1 + bit_weight * bits_per_weight + preservation_weight * preservation_loss``, each term logged
+on its own. Without the callback the mixin does nothing at all: the same class trains a float baseline.
+
+Manual optimisation: call ``self.compression_loss()`` and add it to your loss before ``manual_backward``; a step
+that forgets raises :class:`~lightning_sgsc.errors.SGSCRuntimeError`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_sgsc.errors import SGSCRuntimeError, SGSCTypeError, describe_rule
+
+if TYPE_CHECKING:
+    from lightning_sgsc.callback import SafetyGuidedQuantization
+
+
+def _wrap_training_step(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def training_step(self: SafetyGuidedMixin, *args: Any, **kwargs: Any) -> Any:
+        callback = self._sgsc_callback()
+        if callback is None or self._sgsc_depth:  # no callback, or a nested super().training_step call
+            return fn(self, *args, **kwargs)
+        self._sgsc_depth += 1
+        self._sgsc_called = False
+        try:
+            out = fn(self, *args, **kwargs)
+        finally:
+            self._sgsc_depth -= 1
+        if not self.automatic_optimization:  # type: ignore[attr-defined]
+            if not self._sgsc_called:
+                raise SGSCRuntimeError(
+                    "Manual optimization: the compression terms were not added. In `training_step`, add "
+                    "`self.compression_loss()` to your loss before `self.manual_backward(loss)`."
+                )
+            return out
+        return self._sgsc_add_terms(out)
+
+    training_step._sgsc_wrapped = True  # type: ignore[attr-defined]
+    return training_step
+
+
+class SafetyGuidedMixin:
+    """Adds the L1, bit-depth and preservation terms to the user's loss. Put it before ``LightningModule``.
+
+    Attributes:
+        preservation_metric_mode: ``"max"`` when :meth:`preservation_evaluate` returns an accuracy-like value,
+            ``"min"`` when it returns a loss (language models).
+    """
+
+    preservation_metric_mode: str = "max"
+    _sgsc_depth: int = 0
+    _sgsc_called: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        fn = cls.__dict__.get("training_step")
+        if fn is not None and not getattr(fn, "_sgsc_wrapped", False):
+            cls.training_step = _wrap_training_step(fn)  # type: ignore[attr-defined]
+
+    # ---------------------------------------------------------------------------------------------- overridable
+
+    def preservation_step(self, batch: Any) -> Tensor:
+        """Loss on one preservation batch (default: cross entropy of ``self(x)`` against ``y`` for ``(x, y)``)."""
+        x, y = batch[0], batch[1]
+        return F.cross_entropy(self(x), y)  # type: ignore[operator]
+
+    def preservation_evaluate(self, batches: Iterable[Any]) -> float:
+        """The preservation metric over the whole set (default: top-1 accuracy through torchmetrics)."""
+        from torchmetrics.classification import MulticlassAccuracy
+
+        metric: MulticlassAccuracy | None = None
+        for batch in batches:
+            x, y = batch[0], batch[1]
+            logits = self(x)  # type: ignore[operator]
+            if not isinstance(logits, Tensor) or logits.dim() != 2:
+                raise SGSCTypeError(
+                    describe_rule("model output", "class logits of shape (batch, classes)", type(logits))
+                    + " Override `preservation_evaluate` (and `preservation_step`) for other outputs."
+                )
+            if metric is None:
+                metric = MulticlassAccuracy(num_classes=logits.shape[-1], average="micro").to(logits.device)
+            metric.update(logits, y)
+        if metric is None:
+            raise SGSCRuntimeError("The preservation set is empty: no batch to evaluate.")
+        return float(metric.compute())
+
+    # ----------------------------------------------------------------------------------------------- the terms
+
+    def _sgsc_callback(self) -> SafetyGuidedQuantization | None:
+        from lightning_sgsc.callback import SafetyGuidedQuantization
+
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return None
+        for cb in trainer.callbacks:
+            if isinstance(cb, SafetyGuidedQuantization):
+                return cb
+        return None
+
+    def compression_loss(self) -> Tensor:
+        """The weighted compression terms for this step (logged one by one). Call it yourself under manual
+        optimisation; automatic optimisation adds it for you."""
+        callback = self._sgsc_callback()
+        if callback is None:
+            raise SGSCRuntimeError(
+                "`compression_loss()` needs the SafetyGuidedQuantization callback in `Trainer(callbacks=[...])`."
+            )
+        self._sgsc_called = True
+        total, terms = callback.compression_terms(self)  # type: ignore[arg-type]
+        for key, value in terms.items():
+            name = "train/bits_per_weight" if key == "bits" else f"train/loss_{key}"
+            self.log(name, value.detach())  # type: ignore[attr-defined]
+        return total
+
+    def _sgsc_add_terms(self, out: Any) -> Any:
+        if out is None:
+            return None
+        task = out["loss"] if isinstance(out, dict) else out
+        if not isinstance(task, Tensor):
+            raise SGSCTypeError(
+                describe_rule("training_step output", "a loss Tensor, a dict with a 'loss' Tensor, or None", out)
+            )
+        self.log("train/loss_task", task.detach())  # type: ignore[attr-defined]
+        loss = task + self.compression_loss().to(task.dtype)
+        if isinstance(out, dict):
+            return {**out, "loss": loss}
+        return loss
+
+

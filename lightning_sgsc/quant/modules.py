@@ -1,0 +1,175 @@
+"""Quantized twins of ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d``.
+
+A twin *is* its float layer (it subclasses it, so ``isinstance(twin, nn.Conv2d)`` holds and hooks, Grad-CAM target
+layers and dependency graphs keep working) plus three per-output-channel tensors:
+
+* ``bits`` (Parameter): the learned bit depth ``b``;
+* ``exponent`` (Parameter): the learned exponent ``e``;
+* ``pruned`` (bool buffer): channels frozen at zero bits for good.
+
+``from_float`` reuses the float layer's ``weight`` and ``bias`` Parameters (no copy: memory stays flat and an
+optimizer built on the float model still sees them); ``to_float`` converts back.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_sgsc.quant.functional import effective_bits, init_exponent, quantize, quantize_int
+
+MIN_INIT_BITS = 2.0
+MAX_INIT_BITS = 16.0
+
+
+class QuantizedLayer:
+    """Behaviour shared by every twin; mixed into the float layer class (``QuantConv2d(QuantizedLayer, nn.Conv2d)``)."""
+
+    float_cls: ClassVar[type[nn.Module]]
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    bits: nn.Parameter
+    exponent: nn.Parameter
+    pruned: Tensor
+
+    def _init_quantizer(self, init_bits: float) -> None:
+        w = self.weight
+        n = w.shape[0]
+        module: nn.Module = self  # type: ignore[assignment]
+        module.bits = nn.Parameter(torch.full((n,), float(init_bits), device=w.device, dtype=torch.float32))
+        module.exponent = nn.Parameter(init_exponent(w, float(init_bits)).to(w.device))
+        module.register_buffer("pruned", torch.zeros(n, dtype=torch.bool, device=w.device))
+
+    @property
+    def out_channels_(self) -> int:
+        """Number of output channels (rows of the weight)."""
+        return int(self.weight.shape[0])
+
+    @property
+    def fan_in(self) -> int:
+        """Weights per output channel."""
+        return int(self.weight[0].numel())
+
+    _weight_probe: Tensor | None = None
+
+    def quantized_weight(self) -> Tensor:
+        """The weight the layer computes with: quantized at the current ``bits``/``exponent``, differentiable."""
+        q = quantize(self.weight, self.bits, self.exponent, self.pruned)
+        if self._weight_probe is not None:  # see feedback.probe_weight_grads
+            q = q + self._weight_probe.to(q.dtype)
+        return q
+
+    def effective_bits(self) -> Tensor:
+        """``max(bits, 0)`` per channel, 0 where pruned (differentiable)."""
+        return effective_bits(self.bits, self.pruned)
+
+    @torch.no_grad()
+    def integer_weight(self) -> Tensor:
+        """The stored integers per weight (``int32``); ``2**exponent * integer_weight`` is the quantized weight."""
+        return quantize_int(self.weight, self.bits, self.exponent, self.pruned)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, init_bits: float = 8.0) -> QuantizedLayer:
+        """Builds the twin of ``module``, sharing its ``weight`` and ``bias`` Parameters.
+
+        Args:
+            module: an instance of exactly ``cls.float_cls`` (subclasses with their own ``forward`` are refused,
+                since the twin would drop that forward).
+            init_bits: starting bit depth of every channel, from 2 to 16.
+
+        Raises:
+            SGSCTypeError: ``module`` is not a plain ``cls.float_cls``.
+            SGSCValueError: ``init_bits`` is outside 2–16.
+        """
+        from lightning_sgsc.errors import SGSCTypeError, SGSCValueError, describe_rule
+
+        if type(module) is not cls.float_cls:
+            raise SGSCTypeError(describe_rule("module", f"an instance of {cls.float_cls.__name__}", type(module)))
+        if not isinstance(init_bits, (int, float)) or not MIN_INIT_BITS <= float(init_bits) <= MAX_INIT_BITS:
+            raise SGSCValueError(describe_rule("init_bits", "a number from 2 to 16", init_bits))
+        twin = cls.__new__(cls)
+        _copy_module_state(module, twin)  # type: ignore[arg-type]
+        twin._init_quantizer(float(init_bits))
+        return twin
+
+    def to_float(self, bake: bool = True) -> nn.Module:
+        """Converts back to a plain float layer.
+
+        Args:
+            bake: ``True``: the new layer's weight is a new Parameter holding the quantized weight, so it computes
+                exactly what the twin computes in eval mode. ``False``: the new layer shares the original float
+                ``weight`` Parameter (undoes the swap).
+        """
+        module: nn.Module = self  # type: ignore[assignment]
+        out = self.float_cls.__new__(self.float_cls)
+        _copy_module_state(module, out)
+        del out._parameters["bits"], out._parameters["exponent"], out._buffers["pruned"]
+        if bake:
+            with torch.no_grad():
+                out.weight = nn.Parameter(self.quantized_weight().detach().clone(), self.weight.requires_grad)
+        return out
+
+    def extra_repr(self) -> str:
+        base = self.float_cls.extra_repr(self)  # type: ignore[arg-type]
+        with torch.no_grad():
+            mean_bits = float(self.effective_bits().mean())
+        return f"{base}, mean_bits={mean_bits:.2f}, pruned={int(self.pruned.sum())}"
+
+
+def _copy_module_state(src: nn.Module, dst: nn.Module) -> None:
+    """Gives ``dst`` the attributes of ``src`` (hyperparameters, hooks, training flag), with registries of its own
+    that hold the *same* Parameter, buffer and submodule objects."""
+    for key, value in src.__dict__.items():
+        dst.__dict__[key] = value.copy() if isinstance(value, (dict, set)) else value
+
+
+class QuantLinear(QuantizedLayer, nn.Linear):
+    """Quantized twin of :class:`torch.nn.Linear`."""
+
+    float_cls = nn.Linear
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.linear(input, self.quantized_weight(), self.bias)
+
+
+class QuantConv1d(QuantizedLayer, nn.Conv1d):
+    """Quantized twin of :class:`torch.nn.Conv1d`."""
+
+    float_cls = nn.Conv1d
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(QuantizedLayer, nn.Conv2d):
+    """Quantized twin of :class:`torch.nn.Conv2d`."""
+
+    float_cls = nn.Conv2d
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.quantized_weight(), self.bias)
+
+
+TWIN_FOR: dict[type[nn.Module], type[QuantizedLayer]] = {
+    nn.Linear: QuantLinear,
+    nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+}
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedLayer]]:
+    """Every twin in ``model`` as ``(fully qualified name, module)``, in ``named_modules`` order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantizedLayer)]
+
+
+def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The ``bits`` and ``exponent`` Parameters of every twin (for their own optimizer param group)."""
+    params: list[nn.Parameter] = []
+    for _, layer in quantized_layers(model):
+        params += [layer.bits, layer.exponent]
+    return params
+
+

@@ -1,0 +1,132 @@
+"""What a model costs to store: per-layer bits, kept channels and bytes, against float32.
+
+The accounting matches the exported artifact (``export.py``): a quantized layer stores, for each channel that has
+any nonzero integer, ``required_bits * fan_in`` bits of packed integers, a float32 scale and a uint8 bit depth;
+channels whose integers are all zero are dropped. Every other parameter and buffer is stored at its own dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from lightning_sgsc.quant.functional import required_bits
+from lightning_sgsc.quant.modules import QuantizedLayer, quantized_layers
+
+#: per kept channel: float32 scale (4 bytes) + uint8 bit depth (1 byte)
+CHANNEL_OVERHEAD_BYTES = 5
+_QUANTIZER_NAMES = ("bits", "exponent", "pruned")
+
+
+@dataclass(frozen=True)
+class LayerSize:
+    """Storage of one quantized layer."""
+
+    name: str
+    channels: int
+    kept: int
+    mean_bits: float
+    weight_bytes: int
+    float32_bytes: int
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Storage of a whole model at its current bit depths."""
+
+    layers: list[LayerSize]
+    quantized_bytes: int
+    other_bytes: int
+    float32_bytes: int
+    bits_per_weight: float
+    zero_bit_channels: int
+    pruned_channels: int
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of the whole model: packed quantized weights and their per-channel data, plus everything else."""
+        return self.quantized_bytes + self.other_bytes
+
+    @property
+    def compression_ratio(self) -> float:
+        """``float32_bytes / total_bytes``."""
+        return self.float32_bytes / max(self.total_bytes, 1)
+
+    def as_dict(self) -> dict:
+        """Plain data (for JSON)."""
+        out = asdict(self)
+        out.update(total_bytes=self.total_bytes, compression_ratio=self.compression_ratio)
+        return out
+
+
+@torch.no_grad()
+def layer_storage_bits(layer: QuantizedLayer) -> torch.Tensor:
+    """Bits each channel needs to store its integers exactly (``int64`` ``(C,)``; 0 for zero-bit channels)."""
+    return required_bits(layer.integer_weight())
+
+
+@torch.no_grad()
+def model_size(model: nn.Module) -> ModelSize:
+    """Counts every parameter and buffer of ``model``; quantized weights at their storage bits."""
+    layers: list[LayerSize] = []
+    quantized_bytes = 0
+    counted: set[int] = set()
+    total_bits = 0
+    total_weights = 0
+    zero_bit = pruned = 0
+    float32_bytes = 0
+    for name, layer in quantized_layers(model):
+        bits = layer_storage_bits(layer)
+        kept = int((bits > 0).sum())
+        payload_bits = int((bits * layer.fan_in).sum())
+        weight_bytes = math.ceil(payload_bits / 8) + kept * CHANNEL_OVERHEAD_BYTES
+        n = layer.weight.numel()
+        layers.append(
+            LayerSize(
+                name=name,
+                channels=layer.out_channels_,
+                kept=kept,
+                mean_bits=payload_bits / n,
+                weight_bytes=weight_bytes,
+                float32_bytes=4 * n,
+            )
+        )
+        quantized_bytes += weight_bytes
+        total_bits += payload_bits
+        total_weights += n
+        zero_bit += layer.out_channels_ - kept
+        pruned += int(layer.pruned.sum())
+        counted.add(id(layer.weight))
+        float32_bytes += 4 * n
+    other = 0
+    for name, p in model.named_parameters():
+        if id(p) in counted or name.rpartition(".")[2] in _QUANTIZER_NAMES:
+            continue
+        other += p.numel() * p.element_size()
+        float32_bytes += 4 * p.numel()
+    for name, b in model.named_buffers():
+        if name.rpartition(".")[2] in _QUANTIZER_NAMES:
+            continue
+        other += b.numel() * b.element_size()
+        float32_bytes += b.numel() * b.element_size()
+    return ModelSize(
+        layers=layers,
+        quantized_bytes=quantized_bytes,
+        other_bytes=other,
+        float32_bytes=float32_bytes,
+        bits_per_weight=total_bits / max(total_weights, 1),
+        zero_bit_channels=zero_bit,
+        pruned_channels=pruned,
+    )
+
+
+def float32_bytes(model: nn.Module) -> int:
+    """Bytes of ``model`` with every parameter at float32 and buffers at their dtype (quantizer state excluded)."""
+    params = sum(p.numel() for n, p in model.named_parameters() if n.rpartition(".")[2] not in _QUANTIZER_NAMES)
+    buffers = sum(
+        b.numel() * b.element_size() for n, b in model.named_buffers() if n.rpartition(".")[2] not in _QUANTIZER_NAMES
+    )
+    return 4 * params + buffers

@@ -1,0 +1,93 @@
+"""Tiny models and data shared by the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sgsc import SafetyGuidedMixin
+
+
+class TinyConvNet(nn.Module):
+    """Conv2d -> ReLU -> Conv1d-free CNN on 1x8x8 inputs with a linear head."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Linear(4 * 4 * 4, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+class TinyConv1dNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * 8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(F.relu(self.conv(x)), 1))
+
+
+def blob_data(n: int = 96, classes: int = 3, seed: int = 0) -> TensorDataset:
+    """Separable 1x8x8 'images': each class lights up its own rows, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = 0.3 * torch.randn(n, 1, 8, 8, generator=g)
+    for c in range(classes):
+        x[y == c, 0, c * 2 : c * 2 + 2, :] += 1.0
+    return TensorDataset(x, y)
+
+
+class TinyClassifier(SafetyGuidedMixin, pl.LightningModule):
+    """A plain user LightningModule: its training_step knows nothing about compression."""
+
+    def __init__(self, lr: float = 0.01, weight_decay: float = 0.0, n: int = 96) -> None:
+        super().__init__()
+        self.net = TinyConvNet()
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.data = blob_data(n)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val/acc", (self(x).argmax(-1) == y).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=32)
+
+
+def cpu_trainer(tmp_path: Any, callbacks: list[Any], **kwargs: Any) -> pl.Trainer:
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **defaults)

@@ -1,0 +1,72 @@
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from lightning_sgsc import AlreadyQuantizedError, SGSCTypeError, SGSCValueError, dequantize_, quantize_
+from lightning_sgsc.quant import QuantConv1d, QuantConv2d, QuantLinear, quantized_layers
+from tests.helpers.models import TinyConv1dNet, TinyConvNet
+
+
+def test_default_swaps_every_conv_and_linear_including_the_head():
+    net = TinyConvNet()
+    names = quantize_(net)
+    assert names == ["features.0", "head"]
+    assert isinstance(net.features[0], QuantConv2d) and isinstance(net.head, QuantLinear)
+    net1d = TinyConv1dNet()
+    quantize_(net1d)
+    assert isinstance(net1d.conv, QuantConv1d)
+
+
+def test_swap_keeps_the_parameters_an_optimizer_already_holds():
+    net = TinyConvNet()
+    before = {n: p for n, p in net.named_parameters()}
+    quantize_(net)
+    after = dict(net.named_parameters())
+    for name, p in before.items():
+        assert after[name] is p
+    assert {"head.bits", "head.exponent", "features.0.bits", "features.0.exponent"} <= set(after)
+
+
+def test_include_exclude_and_filter_fn():
+    net = TinyConvNet()
+    assert quantize_(net, include=["features.*"]) == ["features.0"]
+    net = TinyConvNet()
+    assert quantize_(net, exclude=["head"]) == ["features.0"]
+    net = TinyConvNet()
+    assert quantize_(net, filter_fn=lambda m, fqn: isinstance(m, nn.Linear)) == ["head"]
+
+
+def test_unknown_pattern_names_the_pattern_and_lists_layers():
+    with pytest.raises(SGSCValueError, match=r"`exclude` must be patterns .* got 'classifier'\. Layers: features.0, head"):
+        quantize_(TinyConvNet(), exclude=["classifier"])
+
+
+def test_pattern_given_as_a_string_is_a_type_error():
+    with pytest.raises(SGSCTypeError, match=r"`include` must be a list of fnmatch patterns"):
+        quantize_(TinyConvNet(), include="head")
+
+
+def test_no_quantizable_layer_is_an_error():
+    with pytest.raises(SGSCValueError, match=r"`model` must be a model with at least one Conv1d, Conv2d or Linear"):
+        quantize_(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)))
+    with pytest.raises(SGSCValueError, match=r"Quantizable layers before include/exclude/filter_fn"):
+        quantize_(TinyConvNet(), filter_fn=lambda m, fqn: False)
+
+
+def test_swapping_twice_is_an_error():
+    net = TinyConvNet()
+    quantize_(net)
+    with pytest.raises(AlreadyQuantizedError, match=r"`model` must be a float model with no quantized layers, got '2"):
+        quantize_(net)
+
+
+def test_dequantize_bakes_exactly_the_quantized_function():
+    torch.manual_seed(0)
+    net = TinyConvNet()
+    quantize_(net, init_bits=3)
+    x = torch.randn(4, 1, 8, 8)
+    expected = net(x)
+    assert dequantize_(net) == ["features.0", "head"]
+    assert quantized_layers(net) == []
+    assert_close(net(x), expected, atol=0, rtol=0)

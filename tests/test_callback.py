@@ -1,0 +1,248 @@
+"""The callback and the mixin in a real CPU Trainer."""
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+
+from lightning_sgsc import SafetyGuidedQuantization, SGSCRuntimeError, SGSCTypeError, quantize_
+from lightning_sgsc.quant import QuantConv2d, QuantLinear, quantized_layers
+from tests.helpers.models import TinyClassifier, blob_data, cpu_trainer
+
+
+class Snapshot(Callback):
+    """Records b and e of the conv twin before and after the first optimizer step."""
+
+    def __init__(self) -> None:
+        self.before: dict[str, torch.Tensor] = {}
+        self.after: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0 and not self.before:
+            conv = pl_module.net.features[0]
+            self.before = {"bits": conv.bits.detach().clone(), "exponent": conv.exponent.detach().clone()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 0 and not self.after:
+            conv = pl_module.net.features[0]
+            self.after = {"bits": conv.bits.detach().clone(), "exponent": conv.exponent.detach().clone()}
+
+
+def test_layers_are_swapped_in_setup_and_b_e_get_their_own_param_group(tmp_path):
+    model = TinyClassifier(weight_decay=0.3)
+    snap = Snapshot()
+    cb = SafetyGuidedQuantization(init_bits=4, bit_weight=0.5, quantizer_lr=0.05)
+    trainer = cpu_trainer(tmp_path, [cb, snap], max_epochs=1, limit_train_batches=1)
+    trainer.fit(model)
+    assert isinstance(model.net.features[0], QuantConv2d) and isinstance(model.net.head, QuantLinear)
+    groups = trainer.optimizers[0].param_groups
+    assert len(groups) == 2
+    qgroup = groups[1]
+    assert qgroup["sgsc_quantizer"] and qgroup["weight_decay"] == 0.0 and qgroup["lr"] == 0.05
+    qids = {id(p) for p in qgroup["params"]}
+    assert qids == {id(p) for n, p in model.named_parameters() if n.endswith(("bits", "exponent"))}
+    assert not qids & {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 0.3
+    # b falls under the size penalty after one step (Adam moves it by ~lr), e moves too
+    assert bool((snap.after["bits"] < snap.before["bits"]).all())
+    assert not torch.equal(snap.after["exponent"], snap.before["exponent"])
+
+
+def test_adamw_weight_decay_does_not_touch_b_and_e(tmp_path):
+    # No gradient reaches b or e (no size penalty, nothing clips at init, lr tiny): any change would be decay.
+    model = TinyClassifier(lr=1e-9, weight_decay=1.0)
+    snap = Snapshot()
+    cb = SafetyGuidedQuantization(init_bits=8, bit_weight=0.0, preservation_weight=0.0, quantizer_lr=1.0)
+    trainer = cpu_trainer(tmp_path, [cb, snap], max_epochs=1, limit_train_batches=1)
+    trainer.fit(model)
+    assert torch.equal(snap.after["bits"], snap.before["bits"])
+    # the exponent gets (tiny) rounding-error gradient, but Adam's step is ~lr * sign, never a decay of e itself
+    decayed = snap.before["exponent"] * (1 - 1.0 * 1.0)
+    assert not torch.allclose(snap.after["exponent"], decayed)
+
+
+def test_each_loss_term_is_logged_and_added(tmp_path):
+    model = TinyClassifier()
+    seen: dict[str, Any] = {}
+
+    class Grab(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+            seen["total"] = float(outputs["loss"])
+
+    cb = SafetyGuidedQuantization(l1_weight=0.1, bit_weight=0.01, preservation_weight=2.0)
+    cpu_trainer(tmp_path, [cb, Grab()], max_epochs=1, limit_train_batches=1).fit(model)
+    for key in ("train/loss_task", "train/loss_l1", "train/bits_per_weight", "train/loss_preservation"):
+        assert key in seen
+    expected = (
+        seen["train/loss_task"]
+        + 0.1 * seen["train/loss_l1"]
+        + 0.01 * seen["train/bits_per_weight"]
+        + 2.0 * seen["train/loss_preservation"]
+    )
+    assert seen["total"] == pytest.approx(expected, rel=1e-5)
+    assert seen["train/bits_per_weight"] == pytest.approx(8.0, abs=0.05)
+
+
+def test_size_metrics_and_feedback_decisions_are_logged_every_validation(tmp_path):
+    model = TinyClassifier()
+    cb = SafetyGuidedQuantization(init_bits=4)
+    trainer = cpu_trainer(tmp_path, [cb], max_epochs=2)
+    trainer.fit(model)
+    metrics = trainer.callback_metrics
+    for key in (
+        "sgsc/bits_per_weight",
+        "sgsc/model_bytes",
+        "sgsc/compression_ratio",
+        "sgsc/zero_bit_channels",
+        "sgsc/restored_channels",
+        "sgsc/pruned_channels",
+        "sgsc/preservation_metric",
+        "sgsc/bits/net.features.0",
+        "sgsc/bits/net.head",
+    ):
+        assert key in metrics, key
+    assert float(metrics["sgsc/compression_ratio"]) > 4  # 4-bit weights against float32
+    assert [e["epoch"] for e in cb.history] == [0, 1]
+    assert {e["action"] for e in cb.history} <= {"prune", "restore"}
+
+
+def test_feedback_restores_when_the_preservation_metric_drops(tmp_path):
+    model = TinyClassifier()
+
+    class Sabotage(Callback):
+        """Zeroes the head's bits after the first validation (validation runs before on_train_epoch_end)."""
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                with torch.no_grad():
+                    pl_module.net.head.bits[:] = -1.0
+
+    cb = SafetyGuidedQuantization(init_bits=8, bit_weight=0.0, restore_fraction=1.0, restore_bits=4, threshold=0.05)
+    trainer = cpu_trainer(tmp_path, [Sabotage(), cb], max_epochs=2, limit_train_batches=6)
+    trainer.fit(model)
+    first, second = cb.history
+    assert first["action"] == "prune" and second["action"] == "restore"
+    assert second["restored"] == 3 and second["zero_bit"] == 3
+    assert model.net.head.bits.tolist() == [4.0, 4.0, 4.0]
+
+
+def test_feedback_runs_at_train_epoch_end_without_a_validation_loop(tmp_path):
+    model = TinyClassifier()
+    cb = SafetyGuidedQuantization()
+    cpu_trainer(tmp_path, [cb], max_epochs=2, limit_val_batches=0).fit(model)
+    assert [e["epoch"] for e in cb.history] == [0, 1]
+
+
+def test_callback_state_round_trips():
+    cb = SafetyGuidedQuantization()
+    cb.policy.reference = 0.8
+    cb.history.append({"action": "prune", "epoch": 0})
+    cb._preservation_indices = [3, 1]
+    other = SafetyGuidedQuantization()
+    other.load_state_dict(cb.state_dict())
+    assert other.policy.reference == 0.8 and other.history == cb.history
+    assert other._preservation_indices == [3, 1]
+
+
+def test_fit_twice_reuses_the_swapped_model(tmp_path):
+    model = TinyClassifier()
+    cb = SafetyGuidedQuantization()
+    cpu_trainer(tmp_path, [cb], max_epochs=1).fit(model)
+    bits = model.net.head.bits.detach().clone()
+    trainer = cpu_trainer(tmp_path, [cb], max_epochs=1)
+    trainer.fit(model)  # a second fit must neither re-swap nor fail
+    assert len(quantized_layers(model)) == 2
+    assert not torch.equal(model.net.head.bits, bits)
+    assert sum(1 for g in trainer.optimizers[0].param_groups if g.get("sgsc_quantizer")) == 1
+
+
+def test_checkpoint_resume_restores_quantizer_state(tmp_path):
+    model = TinyClassifier()
+    cb = SafetyGuidedQuantization(init_bits=6, bit_weight=0.5)
+    trainer = cpu_trainer(tmp_path, [cb], max_epochs=1, enable_checkpointing=True)
+    trainer.fit(model)
+    ckpt = tmp_path / "sgsc.ckpt"
+    trainer.save_checkpoint(ckpt)
+    fresh = TinyClassifier()  # float, not swapped: the callback swaps in setup, before the weights load
+    cb2 = SafetyGuidedQuantization(init_bits=6, bit_weight=0.5)
+
+    class Check(Callback):
+        def on_fit_start(self, trainer, pl_module):
+            self.bits = pl_module.net.head.bits.detach().clone()
+
+    check = Check()
+    cpu_trainer(tmp_path, [cb2, check], max_epochs=1, limit_train_batches=0).fit(fresh, ckpt_path=ckpt)
+    assert torch.equal(check.bits, model.net.head.bits.detach())
+    assert cb2.history == cb.history and cb2.policy.reference == cb.policy.reference
+
+
+def test_mixin_without_callback_trains_a_plain_float_model(tmp_path):
+    model = TinyClassifier()
+    cpu_trainer(tmp_path, [], max_epochs=1).fit(model)
+    assert quantized_layers(model) == []
+
+
+def test_callback_without_mixin_is_an_error(tmp_path):
+    import lightning.pytorch as pl
+
+    class Plain(pl.LightningModule):  # complete for Lightning, but without the mixin
+        def __init__(self):
+            super().__init__()
+            self.net = TinyClassifier().net
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return TinyClassifier().train_dataloader()
+
+    with pytest.raises(SGSCTypeError, match=r"`model` must be a LightningModule that inherits SafetyGuidedMixin"):
+        cpu_trainer(tmp_path, [SafetyGuidedQuantization()]).fit(Plain())
+
+
+class Manual(TinyClassifier):
+    def __init__(self, call: bool) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.call = call
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        if self.call:
+            loss = loss + self.compression_loss()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
+def test_manual_optimisation_needs_the_explicit_call(tmp_path):
+    with pytest.raises(SGSCRuntimeError, match=r"Manual optimization: the compression terms were not added"):
+        cpu_trainer(tmp_path, [SafetyGuidedQuantization()], max_epochs=1).fit(Manual(call=False))
+    model = Manual(call=True)
+    cb = SafetyGuidedQuantization(bit_weight=1.0)
+    cpu_trainer(tmp_path, [cb], max_epochs=1).fit(model)
+    assert float(model.net.head.bits.max()) < 8.0
+
+
+def test_a_model_swapped_by_the_user_is_reused_not_swapped_again(tmp_path):
+    model = TinyClassifier()
+    quantize_(model.net, init_bits=5)
+    cb = SafetyGuidedQuantization(init_bits=8)
+    cpu_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1).fit(model)
+    assert cb.swapped_layers == ["net.features.0", "net.head"]
+
+
+def test_user_preservation_dataset_is_used(tmp_path):
+    data = blob_data(10, seed=7)
+    cb = SafetyGuidedQuantization(preservation_data=data, preservation_batch_size=4)
+    cpu_trainer(tmp_path, [cb], max_epochs=1).fit(TinyClassifier())
+    assert len(cb._preservation_loader.dataset) == 10

@@ -1,0 +1,140 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_sgsc import quantize_
+from lightning_sgsc.config import FeedbackConfig
+from lightning_sgsc.feedback import (
+    Action,
+    Decision,
+    FeedbackPolicy,
+    apply_decision,
+    enforce_min_channels,
+    probe_weight_grads,
+    prune_channels_,
+    select_top,
+    taylor_restore_scores,
+    zero_bit_channels,
+)
+from tests.helpers.models import TinyConvNet
+
+
+def test_policy_prunes_while_the_metric_holds_and_restores_when_it_drops():
+    policy = FeedbackPolicy(FeedbackConfig(threshold=0.02))
+    assert policy.decide(0.90).action is Action.PRUNE  # first measurement sets the reference
+    assert policy.decide(0.95).action is Action.PRUNE and policy.reference == 0.95  # best so far
+    d = policy.decide(0.94)
+    assert d.action is Action.PRUNE and d.degradation == pytest.approx(0.01)
+    d = policy.decide(0.92)
+    assert d.action is Action.RESTORE and d.degradation == pytest.approx(0.03) and d.reference == 0.95
+
+
+def test_policy_for_loss_metrics_and_first_reference():
+    policy = FeedbackPolicy(FeedbackConfig(threshold=0.1, mode="min", reference="first"))
+    assert policy.decide(2.0).action is Action.PRUNE
+    assert policy.decide(1.5).action is Action.PRUNE and policy.reference == 2.0  # "first" never moves
+    assert policy.decide(2.05).action is Action.PRUNE
+    assert policy.decide(2.2).action is Action.RESTORE
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_policy_skips_non_finite_metrics_without_touching_the_reference(bad):
+    policy = FeedbackPolicy(FeedbackConfig())
+    policy.decide(0.9)
+    assert policy.decide(bad).action is Action.SKIP
+    assert policy.reference == 0.9
+
+
+def test_policy_state_round_trips():
+    a = FeedbackPolicy(FeedbackConfig())
+    a.decide(0.7)
+    b = FeedbackPolicy(FeedbackConfig())
+    b.load_state_dict(a.state_dict())
+    assert b.reference == 0.7
+
+
+def test_select_top_takes_the_ceil_fraction_with_highest_scores_across_layers():
+    candidates = {"a": torch.tensor([True, False, True]), "b": torch.tensor([True, True])}
+    scores = {"a": torch.tensor([0.1, 9.0, 0.5]), "b": torch.tensor([0.3, 0.2])}
+    sel = select_top(scores, candidates, 0.5)  # ceil(0.5 * 4) = 2: a[2]=0.5 and b[0]=0.3; a[1] is no candidate
+    assert sel["a"].tolist() == [False, False, True] and sel["b"].tolist() == [True, False]
+
+
+def _zero_bits(net, layer, channels):
+    with torch.no_grad():
+        layer.bits[channels] = -0.5
+
+
+def test_prune_freezes_channels_and_clears_adam_state_so_they_stay_zero():
+    torch.manual_seed(0)
+    net = TinyConvNet()
+    quantize_(net, init_bits=4)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.05, weight_decay=0.1)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    for _ in range(3):  # build up momentum first
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    conv = net.features[0]
+    _zero_bits(net, conv, [1, 2])
+    assert prune_channels_(net, zero_bit_channels(net), [opt]) == 2
+    for _ in range(5):
+        opt.zero_grad()
+        (nn.functional.cross_entropy(net(x), y) + conv.weight.abs().sum()).backward()
+        opt.step()
+    assert conv.pruned.tolist() == [False, True, True, False]
+    assert torch.equal(conv.weight[1:3], torch.zeros_like(conv.weight[1:3]))
+    assert torch.equal(conv.bits[1:3], torch.zeros(2))
+    assert bool((conv.weight[0] != 0).any())
+
+
+def test_min_channels_keeps_the_strongest_channel_alive():
+    net = TinyConvNet()
+    quantize_(net)
+    conv = net.features[0]
+    with torch.no_grad():
+        conv.weight[2] *= 10  # the largest norm
+    _zero_bits(net, conv, [0, 1, 2, 3])
+    prune, keep = enforce_min_channels(net, zero_bit_channels(net), min_channels=1)
+    assert keep["features.0"].tolist() == [False, False, True, False]
+    assert prune["features.0"].tolist() == [True, True, False, True]
+
+
+def test_apply_decision_restores_the_channel_that_matters_most_to_the_preservation_loss():
+    torch.manual_seed(0)
+    net = TinyConvNet()
+    quantize_(net, init_bits=6)
+    head = net.head
+    x = torch.randn(32, 1, 8, 8)
+    with torch.no_grad():
+        y = net(x).argmax(-1)
+        head.weight[1] *= 0.01  # output 1 matters little, output 0 is the one the loss depends on
+    _zero_bits(net, head, [0, 1])
+
+    def scores():
+        with probe_weight_grads(net) as grads:
+            nn.functional.cross_entropy(net(x), y).backward()
+        return taylor_restore_scores(net, grads, bits=2)
+
+    decision = Decision(Action.RESTORE, metric=0.5, reference=0.9, degradation=0.4)
+    event = apply_decision(net, decision, FeedbackConfig(restore_fraction=0.5, restore_bits=3), scores)
+    assert event.restored == 1 and event.zero_bit == 2
+    assert head.bits[:2].tolist() == [3.0, -0.5]  # the important channel came back at restore_bits
+    q = head.quantized_weight()[0]
+    assert bool((q != 0).any())
+
+
+def test_apply_decision_prune_skip_and_counts():
+    net = TinyConvNet()
+    quantize_(net)
+    _zero_bits(net, net.head, [0])
+    skip = apply_decision(net, Decision(Action.SKIP, math.nan, None, math.nan), FeedbackConfig(), dict)
+    assert (skip.restored, skip.pruned, skip.zero_bit) == (0, 0, 1)
+    event = apply_decision(net, Decision(Action.PRUNE, 0.9, 0.9, 0.0), FeedbackConfig(), dict)
+    assert (event.action, event.pruned) == ("prune", 1)
+    assert net.head.pruned.tolist() == [True, False, False]
+    off = FeedbackConfig(prune=False)
+    _zero_bits(net, net.head, [1])
+    assert apply_decision(net, Decision(Action.PRUNE, 0.9, 0.9, 0.0), off, dict).pruned == 0
