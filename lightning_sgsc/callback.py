@@ -19,7 +19,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -38,11 +37,12 @@ from lightning_sgsc.feedback import (
 )
 from lightning_sgsc.losses import bits_per_weight, l1_term, weighted_sum
 from lightning_sgsc.mixin import SafetyGuidedMixin
+from lightning_sgsc.preservation.set import PreservationSet
 from lightning_sgsc.quant.modules import QuantizedLayer, quantized_layers, quantizer_parameters
 from lightning_sgsc.quant.swap import quantize_
 from lightning_sgsc.size import model_size
 
-PreservationData = Dataset | DataLoader
+PreservationData = Dataset | DataLoader | PreservationSet
 
 
 class SafetyGuidedQuantization(Callback):
@@ -57,7 +57,8 @@ class SafetyGuidedQuantization(Callback):
         bit_weight: weight of the average-bits-per-weight penalty (constant or function of the epoch).
         preservation_weight: weight of the preservation loss. ``None``: 1.0 when there is preservation data.
         quantizer_lr: learning rate of the ``bits``/``exponent`` param group (``weight_decay`` is 0 there).
-        preservation_data: a Dataset or DataLoader of examples the compressed model must keep right. ``None``:
+        preservation_data: a PreservationSet, Dataset or DataLoader of examples the compressed model must keep
+            right (collated once and held as tensors on the model's device). ``None``:
             ``preservation_size`` examples drawn at random (seeded) from the training dataset at fit start.
         preservation_size: size of the set drawn when ``preservation_data`` is ``None``.
         preservation_batch_size: batch size of preservation batches.
@@ -110,9 +111,11 @@ class SafetyGuidedQuantization(Callback):
         )
         if isinstance(quantizer_lr, bool) or not isinstance(quantizer_lr, (int, float)) or not quantizer_lr > 0:
             raise SGSCValueError(describe_rule("quantizer_lr", "a number > 0", quantizer_lr))
-        if preservation_data is not None and not isinstance(preservation_data, (Dataset, DataLoader)):
+        if preservation_data is not None and not isinstance(preservation_data, (Dataset, DataLoader, PreservationSet)):
             raise SGSCTypeError(
-                describe_rule("preservation_data", "a torch Dataset or DataLoader (or None)", type(preservation_data))
+                describe_rule(
+                    "preservation_data", "a PreservationSet, torch Dataset or DataLoader (or None)", type(preservation_data)
+                )
             )
         for arg, value in (("preservation_size", preservation_size), ("preservation_batch_size",
                                                                      preservation_batch_size)):
@@ -136,7 +139,7 @@ class SafetyGuidedQuantization(Callback):
         self.history: list[dict[str, Any]] = []
         self.swapped_layers: list[str] = []
         self._layers: list[QuantizedLayer] = []
-        self._preservation_loader: DataLoader | None = None
+        self.preservation_set: PreservationSet | None = None
         self._preservation_iter: Iterator[Any] | None = None
         self._preservation_indices: list[int] | None = None
         self._feedback_epoch = -1
@@ -169,7 +172,7 @@ class SafetyGuidedQuantization(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.optimizers:
             self._own_param_group(trainer, pl_module)
-        self._setup_preservation(trainer)
+        self._setup_preservation(trainer, pl_module)
 
     def _own_param_group(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Moves ``bits``/``exponent`` out of the user's param groups into one of their own."""
@@ -194,27 +197,20 @@ class SafetyGuidedQuantization(Callback):
 
     # ------------------------------------------------------------------------------------------- preservation
 
-    def _setup_preservation(self, trainer: pl.Trainer) -> None:
+    def _setup_preservation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         data = self.preservation_data
-        if isinstance(data, DataLoader):
-            self._preservation_loader = data
+        if isinstance(data, PreservationSet):
+            pset: PreservationSet | None = data
+        elif data is not None:
+            pset = PreservationSet.from_data(data)
         else:
-            if data is None:
-                data = self._sample_training_data(trainer)
-            if data is None:
-                self._preservation_loader = None
-                return
-            if hasattr(data, "__len__") and len(data) == 0:  # type: ignore[arg-type]
-                raise SGSCValueError(describe_rule("preservation_data", "a non-empty Dataset or DataLoader", data))
-            generator = torch.Generator().manual_seed(self.seed)
-            self._preservation_loader = DataLoader(
-                data, batch_size=self.preservation_batch_size, shuffle=True, generator=generator
-            )
-        if len(self._preservation_loader) == 0:
-            raise SGSCValueError(describe_rule("preservation_data", "a non-empty Dataset or DataLoader", data))
-        self._preservation_iter = None
+            pset = self._sample_training_data(trainer)
+        self.preservation_set = pset.to(pl_module.device) if pset is not None else None
+        if self.preservation_set is not None:
+            self._preservation_iter = self.preservation_set.sampler(self.preservation_batch_size, self.seed)
+            rank_zero_info(f"[sgsc] preservation set: {len(self.preservation_set)} examples")
 
-    def _sample_training_data(self, trainer: pl.Trainer) -> Dataset | None:
+    def _sample_training_data(self, trainer: pl.Trainer) -> PreservationSet | None:
         if self.preservation_size == 0:
             return None
         source = trainer.fit_loop._data_source
@@ -230,24 +226,12 @@ class SafetyGuidedQuantization(Callback):
             generator = torch.Generator().manual_seed(self.seed)
             n = min(self.preservation_size, len(dataset))
             self._preservation_indices = torch.randperm(len(dataset), generator=generator)[:n].tolist()
-        return Subset(dataset, self._preservation_indices)
+        return PreservationSet.from_data(dataset, self._preservation_indices)
 
-    def next_preservation_batch(self, device: torch.device) -> Any:
-        """The next preservation batch (cycling through the set), on ``device``."""
-        assert self._preservation_loader is not None
-        if self._preservation_iter is None:
-            self._preservation_iter = iter(self._preservation_loader)
-        try:
-            batch = next(self._preservation_iter)
-        except StopIteration:
-            self._preservation_iter = iter(self._preservation_loader)
-            batch = next(self._preservation_iter)
-        return move_data_to_device(batch, device)
-
-    def _preservation_batches(self, device: torch.device) -> Iterator[Any]:
-        assert self._preservation_loader is not None
-        for batch in self._preservation_loader:
-            yield move_data_to_device(batch, device)
+    def next_preservation_batch(self) -> Any:
+        """The next preservation batch (seeded shuffled passes over the set), already on the model's device."""
+        assert self._preservation_iter is not None
+        return next(self._preservation_iter)
 
     # ---------------------------------------------------------------------------------------------- loss terms
 
@@ -258,8 +242,8 @@ class SafetyGuidedQuantization(Callback):
         terms: dict[str, Tensor] = {"bits": bits_per_weight(self._layers)}
         if weights["l1"]:
             terms["l1"] = l1_term(self._layers)
-        if weights["preservation"] and self._preservation_loader is not None:
-            batch = self.next_preservation_batch(pl_module.device)  # type: ignore[attr-defined]
+        if weights["preservation"] and self.preservation_set is not None:
+            batch = self.next_preservation_batch()
             terms["preservation"] = pl_module.preservation_step(batch)
         else:
             weights["preservation"] = 0.0
@@ -280,11 +264,11 @@ class SafetyGuidedQuantization(Callback):
 
     def _feedback(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._feedback_epoch = trainer.current_epoch
-        if self._preservation_loader is not None:
+        if self.preservation_set is not None:
             was_training = pl_module.training
             pl_module.eval()
             with torch.inference_mode(False), torch.no_grad():
-                metric = pl_module.preservation_evaluate(self._preservation_batches(pl_module.device))  # type: ignore[operator]
+                metric = pl_module.preservation_evaluate(self._evaluation_batches())  # type: ignore[operator]
             decision = self.policy.decide(metric)
             if decision.action is Action.SKIP:
                 rank_zero_warn(f"[sgsc] preservation metric is {metric}; skipping restore/prune this time.")
@@ -305,10 +289,14 @@ class SafetyGuidedQuantization(Callback):
 
     def _restore_scores(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         with torch.inference_mode(False), torch.enable_grad(), probe_weight_grads(pl_module) as grads:
-            for batch in self._preservation_batches(pl_module.device):
+            for batch in self._evaluation_batches():
                 loss = pl_module.preservation_step(batch)  # type: ignore[operator]
                 loss.backward(inputs=[layer._weight_probe for layer in self._layers])  # type: ignore[misc]
         return taylor_restore_scores(pl_module, grads, self.feedback_config.restore_bits)
+
+    def _evaluation_batches(self) -> Iterator[Any]:
+        assert self.preservation_set is not None
+        return self.preservation_set.batches(max(self.preservation_batch_size, 256))
 
     def _log_size(self, pl_module: pl.LightningModule) -> None:
         size = model_size(pl_module)

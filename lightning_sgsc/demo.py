@@ -1,6 +1,6 @@
 """The main job: float and safety-guided compressed training side by side on scikit-learn's digits.
 
-    python -m lightning_sgsc.demo [--epochs 30] [--seed 0] [--json results.json]
+    python -m lightning_sgsc.demo [--epochs 40] [--seed 0] [--json results.json]
 
 Prints a table (test accuracy, bytes, bits per weight, zero-bit channels) for both models; ``--json`` writes the
 same figures with the keys ``float_acc``, ``compressed_acc``, ``float_bytes``, ``compressed_bytes``,
@@ -57,7 +57,7 @@ def _train(compress: bool, epochs: int, seed: int, lr: float) -> dict[str, Any]:
     }
 
 
-def run(epochs: int = 30, seed: int = 0, lr: float = 3e-3) -> dict[str, Any]:
+def run(epochs: int = 40, seed: int = 0, lr: float = 3e-3) -> dict[str, Any]:
     """Trains both models and returns the figures (see the module docstring for the keys)."""
     plain = _train(False, epochs, seed, lr)
     small = _train(True, epochs, seed, lr)
@@ -98,7 +98,7 @@ def format_table(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m lightning_sgsc.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs for each model (default 30)")
+    parser.add_argument("--epochs", type=int, default=40, help="training epochs for each model (default 40)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data split, init and sampling (default 0)")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the weights")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")

@@ -1,23 +1,25 @@
 """What a model costs to store: per-layer bits, kept channels and bytes, against float32.
 
-The accounting matches the exported artifact (``export.py``): a quantized layer stores, for each channel that has
-any nonzero integer, ``required_bits * fan_in`` bits of packed integers, a float32 scale and a uint8 bit depth;
-channels whose integers are all zero are dropped. Every other parameter and buffer is stored at its own dtype.
+The accounting matches the exported artifact (``export.py``) byte for byte, less the file's header: a quantized
+layer stores one uint8 bit depth per channel, a float32 scale per channel that has any nonzero integer, and the
+integers packed at ``required_bits`` per channel (channels whose integers are all zero take no payload). Every other
+parameter and buffer is stored at its own dtype.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from lightning_sgsc.packing import packed_nbytes
 from lightning_sgsc.quant.functional import required_bits
 from lightning_sgsc.quant.modules import QuantizedLayer, quantized_layers
 
-#: per kept channel: float32 scale (4 bytes) + uint8 bit depth (1 byte)
-CHANNEL_OVERHEAD_BYTES = 5
+#: every channel stores its bit depth as uint8; every kept channel its float32 scale
+BITS_BYTES_PER_CHANNEL = 1
+SCALE_BYTES_PER_KEPT_CHANNEL = 4
 _QUANTIZER_NAMES = ("bits", "exponent", "pruned")
 
 
@@ -82,7 +84,11 @@ def model_size(model: nn.Module) -> ModelSize:
         bits = layer_storage_bits(layer)
         kept = int((bits > 0).sum())
         payload_bits = int((bits * layer.fan_in).sum())
-        weight_bytes = math.ceil(payload_bits / 8) + kept * CHANNEL_OVERHEAD_BYTES
+        weight_bytes = (
+            packed_nbytes(bits, layer.fan_in)
+            + layer.out_channels_ * BITS_BYTES_PER_CHANNEL
+            + kept * SCALE_BYTES_PER_KEPT_CHANNEL
+        )
         n = layer.weight.numel()
         layers.append(
             LayerSize(

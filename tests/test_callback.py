@@ -245,4 +245,4 @@ def test_user_preservation_dataset_is_used(tmp_path):
     data = blob_data(10, seed=7)
     cb = SafetyGuidedQuantization(preservation_data=data, preservation_batch_size=4)
     cpu_trainer(tmp_path, [cb], max_epochs=1).fit(TinyClassifier())
-    assert len(cb._preservation_loader.dataset) == 10
+    assert len(cb.preservation_set) == 10 and cb.preservation_set.indices.tolist() == list(range(10))

@@ -31,7 +31,7 @@ BAD = [
         r"`preservation_weight` must be 0 when there is no preservation data, got 1.0\. Pass `preservation_data=`",
     ),
     ({"quantizer_lr": 0}, SGSCValueError, r"`quantizer_lr` must be a number > 0, got 0\."),
-    ({"preservation_data": [1, 2]}, SGSCTypeError, r"`preservation_data` must be a torch Dataset or DataLoader"),
+    ({"preservation_data": [1, 2]}, SGSCTypeError, r"`preservation_data` must be a PreservationSet, torch Dataset or DataLoader"),
     ({"preservation_size": -1}, SGSCValueError, r"`preservation_size` must be an integer >= 0, got -1\."),
     ({"preservation_batch_size": 0}, SGSCValueError, r"`preservation_batch_size` must be an integer >= 1, got 0\."),
     ({"threshold": -0.1}, SGSCValueError, r"`threshold` must be in \[0, inf\), got -0.1\."),

@@ -1,0 +1,268 @@
+"""The compressed artifact: one safetensors file, bit-packed at each channel's learned depth, no pickle.
+
+Layout: a single ``uint8`` tensor ``payload`` and, in the safetensors metadata, ``sgsc`` = a JSON header::
+
+    {"format": "lightning-sgsc", "version": 1, "entries": [
+        {"n": "net.conv1", "k": "q", "s": [16, 1, 3, 3], "o": 0, "kept": 16},      # quantized weight
+        {"n": "net.conv1.bias", "k": "t", "d": "float32", "s": [16], "o": 221},   # any other tensor
+        ...]}
+
+A quantized weight's region holds: one uint8 bit depth per channel, one float32 scale (``2^e``) per channel with
+at least one nonzero integer, then the packed integers (:mod:`lightning_sgsc.packing`). Every other parameter and
+buffer is stored raw at its own dtype. :func:`load_compressed` rebuilds ``scale * integer`` in float32, which is the
+same IEEE product the quantized layer computes, so the loaded model's outputs equal the trained model's exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_sgsc import __version__
+from lightning_sgsc.errors import SGSCError, SGSCRuntimeError, SGSCValueError, describe_rule
+from lightning_sgsc.packing import pack, packed_nbytes, unpack
+from lightning_sgsc.quant.functional import required_bits
+from lightning_sgsc.quant.modules import quantized_layers
+
+FORMAT = "lightning-sgsc"
+FORMAT_VERSION = 1
+_QUANTIZER_NAMES = ("bits", "exponent", "pruned")
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+class CompressedFormatError(SGSCValueError):
+    """The file is not a valid lightning-sgsc artifact (truncated, corrupted, foreign, or another version)."""
+
+
+class SkeletonMismatchError(SGSCValueError):
+    """The model given to :func:`load_compressed` does not match the artifact (missing layer, wrong shape)."""
+
+
+def _tensor_bytes(t: Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().view(np.uint8).reshape(-1)
+
+
+@torch.no_grad()
+def export_compressed(model: nn.Module, path: str | Path) -> int:
+    """Writes ``model`` (holding quantized twins) as a bit-packed artifact.
+
+    Args:
+        model: a model swapped by :func:`~lightning_sgsc.quantize_` or trained with the callback.
+        path: file to write.
+
+    Returns:
+        The file's size in bytes.
+
+    Raises:
+        SGSCRuntimeError: the model holds no quantized layer.
+    """
+    layers = quantized_layers(model)
+    if not layers:
+        raise SGSCRuntimeError(
+            describe_rule("model", "a model with quantized layers", "a float model")
+            + " Train it with SafetyGuidedQuantization or call `quantize_(model)` first; a float model is saved with"
+            " `torch.save(model.state_dict())` or safetensors."
+        )
+    chunks: list[np.ndarray] = []
+    entries: list[dict[str, Any]] = []
+    offset = 0
+    quantized_weights: set[int] = set()
+    for name, layer in layers:
+        q = layer.integer_weight()
+        bits = required_bits(q)
+        kept = bits > 0
+        scale = torch.exp2(layer.exponent.detach().float())[kept]
+        region = np.concatenate(
+            [bits.to(torch.uint8).numpy(), _tensor_bytes(scale), pack(q, bits)]
+        )
+        entries.append({"n": f"{name}.weight" if name else "weight", "k": "q", "s": list(q.shape), "o": offset,
+                        "kept": int(kept.sum())})
+        chunks.append(region)
+        offset += region.nbytes
+        quantized_weights.add(id(layer.weight))
+    for kind, named in (("t", model.named_parameters()), ("t", model.named_buffers())):
+        for name, t in named:
+            if id(t) in quantized_weights or name.rpartition(".")[2] in _QUANTIZER_NAMES:
+                continue
+            data = _tensor_bytes(t)
+            dtype = str(t.dtype).removeprefix("torch.")
+            entries.append({"n": name, "k": kind, "d": dtype, "s": list(t.shape), "o": offset})
+            chunks.append(data)
+            offset += data.nbytes
+    header = {"format": FORMAT, "version": FORMAT_VERSION, "writer": __version__, "entries": entries}
+    payload = torch.from_numpy(np.concatenate(chunks) if chunks else np.zeros(0, np.uint8))
+    from safetensors.torch import save_file
+
+    save_file({"payload": payload}, str(path), metadata={"sgsc": json.dumps(header, separators=(",", ":"))})
+    return Path(path).stat().st_size
+
+
+# -------------------------------------------------------------------------------------------------------- loading
+
+
+def _read(path: str | Path) -> tuple[dict[str, Any], np.ndarray]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            keys = list(f.keys())
+            if keys != ["payload"]:
+                raise CompressedFormatError(
+                    describe_rule("path", "a lightning-sgsc artifact (one 'payload' tensor)", str(path))
+                    + f" It holds tensors {keys[:5]}."
+                )
+            payload = f.get_tensor("payload")
+    except SGSCError:
+        raise
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # safetensors' own errors: truncated, corrupted or not safetensors at all
+        raise CompressedFormatError(
+            describe_rule("path", "a readable safetensors file", str(path)) + f" Reading failed: {err}"
+        ) from err
+    if payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise CompressedFormatError(describe_rule("payload", "a 1-D uint8 tensor", f"{payload.dtype} {payload.shape}"))
+    try:
+        header = json.loads(metadata["sgsc"])
+    except (KeyError, ValueError, TypeError) as err:
+        raise CompressedFormatError(
+            describe_rule("path", "a lightning-sgsc artifact with an 'sgsc' JSON header", str(path))
+        ) from err
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CompressedFormatError(describe_rule("format", repr(FORMAT), header.get("format") if isinstance(
+            header, dict) else header))
+    if header.get("version") != FORMAT_VERSION:
+        raise CompressedFormatError(
+            describe_rule("version", str(FORMAT_VERSION), header.get("version"))
+            + f" This file was written by lightning-sgsc {header.get('writer')!r}; this is {__version__}."
+        )
+    return header, payload.numpy()
+
+
+def _entry_field(entry: Any, key: str, kind: type | tuple[type, ...]) -> Any:
+    if not isinstance(entry, dict) or not isinstance(entry.get(key), kind) or isinstance(entry.get(key), bool):
+        raise CompressedFormatError(describe_rule(f"entries[].{key}", f"of type {kind}", entry))
+    return entry[key]
+
+
+def _shape(entry: Any) -> list[int]:
+    shape = _entry_field(entry, "s", list)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape):
+        raise CompressedFormatError(describe_rule(f"shape of {entry.get('n')!r}", "a list of sizes", shape))
+    return shape
+
+
+def _slice(payload: np.ndarray, start: int, nbytes: int, name: str) -> np.ndarray:
+    if start < 0 or nbytes < 0 or start + nbytes > payload.nbytes:
+        raise CompressedFormatError(
+            describe_rule(f"the data of {name!r}", f"inside the payload ({payload.nbytes} bytes)",
+                          f"bytes {start}..{start + nbytes}") + " The file is truncated or corrupted."
+        )
+    return payload[start : start + nbytes]
+
+
+def _decode_quantized(entry: dict[str, Any], payload: np.ndarray) -> Tensor:
+    name = entry["n"]
+    shape = _shape(entry)
+    if len(shape) < 2:
+        raise CompressedFormatError(describe_rule(f"shape of {name!r}", "at least 2-D", shape))
+    channels, fan_in = shape[0], math.prod(shape[1:])
+    start = _entry_field(entry, "o", int)
+    bits = torch.from_numpy(_slice(payload, start, channels, name).astype(np.int64))
+    if bool((bits > 16).any()):
+        raise CompressedFormatError(describe_rule(f"bit depths of {name!r}", "0 to 16", int(bits.max())))
+    kept = bits > 0
+    n_kept = int(kept.sum())
+    if entry.get("kept") != n_kept:
+        raise CompressedFormatError(describe_rule(f"kept channels of {name!r}", str(n_kept), entry.get("kept")))
+    scale_bytes = _slice(payload, start + channels, 4 * n_kept, name)
+    scale = torch.from_numpy(scale_bytes.copy().view(np.float32))
+    packed = _slice(payload, start + channels + 4 * n_kept, packed_nbytes(bits, fan_in), name)
+    q = unpack(packed, bits, fan_in)
+    weight = torch.zeros(channels, fan_in, dtype=torch.float32)
+    weight[kept] = scale[:, None] * q[kept].to(torch.float32)
+    return weight.reshape(shape)
+
+
+def _decode_tensor(entry: dict[str, Any], payload: np.ndarray) -> Tensor:
+    name = entry["n"]
+    dtype_name = _entry_field(entry, "d", str)
+    if dtype_name not in _DTYPES:
+        raise CompressedFormatError(describe_rule(f"dtype of {name!r}", f"one of {sorted(_DTYPES)}", dtype_name))
+    dtype = _DTYPES[dtype_name]
+    shape = _shape(entry)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    raw = _slice(payload, _entry_field(entry, "o", int), math.prod(shape) * itemsize, name).copy()
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).reshape(shape)
+    return torch.from_numpy(raw).view(dtype).reshape(shape)
+
+
+@torch.no_grad()
+def load_compressed(path: str | Path, model: nn.Module) -> nn.Module:
+    """Fills a float ``model`` skeleton (the user's own class, not swapped) from an artifact, in place.
+
+    Returns:
+        ``model``, a plain ``nn.Module`` whose eval outputs equal the exported model's exactly on CPU.
+
+    Raises:
+        CompressedFormatError: the file is truncated, corrupted, foreign or of another format version.
+        SkeletonMismatchError: a layer of the file is missing from ``model`` or has another shape.
+    """
+    header, payload = _read(path)
+    entries = header.get("entries")
+    if not isinstance(entries, list):
+        raise CompressedFormatError(describe_rule("entries", "a list", type(entries).__name__))
+    state: dict[str, Tensor] = {}
+    for entry in entries:
+        name = _entry_field(entry, "n", str)
+        kind = _entry_field(entry, "k", str)
+        if kind == "q":
+            state[name] = _decode_quantized(entry, payload)
+        elif kind == "t":
+            state[name] = _decode_tensor(entry, payload)
+        else:
+            raise CompressedFormatError(describe_rule(f"kind of {name!r}", "'q' or 't'", kind))
+    if quantized_layers(model):
+        raise SkeletonMismatchError(
+            describe_rule("model", "a float skeleton (not swapped)", "a model with quantized layers")
+            + " Load into a fresh instance of your model class."
+        )
+    expected = dict(model.state_dict())
+    for name, tensor in state.items():
+        if name not in expected:
+            raise SkeletonMismatchError(
+                describe_rule("model", f"a skeleton with the layer {name!r}", type(model).__name__)
+                + " The artifact was exported from a different architecture."
+            )
+        if tuple(expected[name].shape) != tuple(tensor.shape):
+            raise SkeletonMismatchError(
+                describe_rule(f"shape of {name!r}", str(tuple(tensor.shape)), tuple(expected[name].shape))
+            )
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise SkeletonMismatchError(
+            describe_rule("model", "a skeleton with only the artifact's tensors", f"extra tensors {missing[:5]}")
+        )
+    model.load_state_dict(state, strict=True)
+    return model
