@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_sgsc.config import FeedbackConfig, LossWeights, QuantizationConfig, Schedule
@@ -37,6 +37,7 @@ from lightning_sgsc.feedback import (
 )
 from lightning_sgsc.losses import bits_per_weight, l1_term, weighted_sum
 from lightning_sgsc.mixin import SafetyGuidedMixin
+from lightning_sgsc.preservation.build import DEFAULT_FRACTIONS, build_preservation_set, check_fractions
 from lightning_sgsc.preservation.set import PreservationSet
 from lightning_sgsc.quant.modules import QuantizedLayer, quantized_layers, quantizer_parameters
 from lightning_sgsc.quant.swap import quantize_
@@ -58,9 +59,15 @@ class SafetyGuidedQuantization(Callback):
         preservation_weight: weight of the preservation loss. ``None``: 1.0 when there is preservation data.
         quantizer_lr: learning rate of the ``bits``/``exponent`` param group (``weight_decay`` is 0 there).
         preservation_data: a PreservationSet, Dataset or DataLoader of examples the compressed model must keep
-            right (collated once and held as tensors on the model's device). ``None``:
-            ``preservation_size`` examples drawn at random (seeded) from the training dataset at fit start.
-        preservation_size: size of the set drawn when ``preservation_data`` is ``None``.
+            right (collated once and held as tensors on the model's device). ``None``: built from the training
+            data by :func:`~lightning_sgsc.preservation.build_preservation_set` (see the next arguments).
+        preservation_size: size of the set built when ``preservation_data`` is ``None``.
+        preservation_fractions: share of the set chosen by each strategy: ``gradcam`` (attention), ``uncertainty``
+            (margin), ``kmeans`` (diversity), ``random``. Default: a third each of the first three.
+        preservation_warmup_epochs: training epochs before the set is scored and built (from the model as it is
+            then; 0 scores the model as it is at fit start). Until then there is no preservation loss or feedback.
+        preservation_pool: candidates scored (a seeded random subset of the training data); ``None``: all.
+        balance_classes: cap each class at ``ceil(preservation_size / classes)`` examples of the set.
         preservation_batch_size: batch size of preservation batches.
         threshold: largest allowed drop of the preservation metric before channels are restored.
         restore_fraction: fraction of zero-bit channels restored when the metric dropped, (0, 1].
@@ -88,6 +95,10 @@ class SafetyGuidedQuantization(Callback):
         preservation_data: PreservationData | None = None,
         preservation_size: int = 256,
         preservation_batch_size: int = 64,
+        preservation_fractions: dict[str, float] | None = None,
+        preservation_warmup_epochs: int = 1,
+        preservation_pool: int | None = 10_000,
+        balance_classes: bool = False,
         threshold: float = 0.02,
         restore_fraction: float = 0.25,
         restore_bits: float = 2.0,
@@ -114,14 +125,40 @@ class SafetyGuidedQuantization(Callback):
         if preservation_data is not None and not isinstance(preservation_data, (Dataset, DataLoader, PreservationSet)):
             raise SGSCTypeError(
                 describe_rule(
-                    "preservation_data", "a PreservationSet, torch Dataset or DataLoader (or None)", type(preservation_data)
+                    "preservation_data",
+                    "a PreservationSet, torch Dataset or DataLoader (or None)",
+                    type(preservation_data),
                 )
             )
-        for arg, value in (("preservation_size", preservation_size), ("preservation_batch_size",
-                                                                     preservation_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if arg == "preservation_size" else 1):
+        for arg, value in (
+            ("preservation_size", preservation_size),
+            ("preservation_batch_size", preservation_batch_size),
+        ):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (0 if arg == "preservation_size" else 1)
+            ):
                 rule = "an integer >= 0" if arg == "preservation_size" else "an integer >= 1"
                 raise SGSCValueError(describe_rule(arg, rule, value))
+        self.preservation_fractions = check_fractions(
+            DEFAULT_FRACTIONS if preservation_fractions is None else preservation_fractions
+        )
+        if (
+            isinstance(preservation_warmup_epochs, bool)
+            or not isinstance(preservation_warmup_epochs, int)
+            or (preservation_warmup_epochs < 0)
+        ):
+            raise SGSCValueError(
+                describe_rule("preservation_warmup_epochs", "an integer >= 0", preservation_warmup_epochs)
+            )
+        if preservation_pool is not None and (
+            isinstance(preservation_pool, bool) or not isinstance(preservation_pool, int) or preservation_pool < 1
+        ):
+            raise SGSCValueError(describe_rule("preservation_pool", "an integer >= 1 or None", preservation_pool))
+        self.preservation_warmup_epochs = preservation_warmup_epochs
+        self.preservation_pool = preservation_pool
+        self.balance_classes = bool(balance_classes)
         self.feedback_config = FeedbackConfig(
             threshold=threshold,
             restore_fraction=restore_fraction,
@@ -142,6 +179,8 @@ class SafetyGuidedQuantization(Callback):
         self.preservation_set: PreservationSet | None = None
         self._preservation_iter: Iterator[Any] | None = None
         self._preservation_indices: list[int] | None = None
+        self._preservation_chosen_by: list[str] = []
+        self._warned_no_dataset = False
         self._feedback_epoch = -1
 
     # ------------------------------------------------------------------------------------------------ set up
@@ -163,7 +202,9 @@ class SafetyGuidedQuantization(Callback):
                 include=self.quant_config.include,
                 exclude=self.quant_config.exclude,
             )
-            rank_zero_info(f"[sgsc] quantized {len(self.swapped_layers)} layers at {self.quant_config.init_bits:g} bits")
+            rank_zero_info(
+                f"[sgsc] quantized {len(self.swapped_layers)} layers at {self.quant_config.init_bits:g} bits"
+            )
         self._layers = [m for _, m in quantized_layers(pl_module)]
         self.feedback_config = dataclasses.replace(self.feedback_config, mode=pl_module.preservation_metric_mode)
         self.policy.config = self.feedback_config
@@ -193,40 +234,71 @@ class SafetyGuidedQuantization(Callback):
         for config in trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs"):
-                scheduler.base_lrs = list(scheduler.base_lrs)[: len(optimizer.param_groups) - 1] + [self.quantizer_lr]
+                scheduler.base_lrs = [*list(scheduler.base_lrs)[: len(optimizer.param_groups) - 1], self.quantizer_lr]
 
     # ------------------------------------------------------------------------------------------- preservation
 
     def _setup_preservation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         data = self.preservation_data
         if isinstance(data, PreservationSet):
-            pset: PreservationSet | None = data
+            self._use_set(data, pl_module)
         elif data is not None:
-            pset = PreservationSet.from_data(data)
-        else:
-            pset = self._sample_training_data(trainer)
-        self.preservation_set = pset.to(pl_module.device) if pset is not None else None
-        if self.preservation_set is not None:
-            self._preservation_iter = self.preservation_set.sampler(self.preservation_batch_size, self.seed)
-            rank_zero_info(f"[sgsc] preservation set: {len(self.preservation_set)} examples")
+            self._use_set(PreservationSet.from_data(data), pl_module)
+        elif self._preservation_indices is not None:  # resumed: the same examples as before, no re-scoring
+            dataset = self._training_dataset(trainer)
+            if dataset is not None:
+                pset = PreservationSet.from_data(dataset, self._preservation_indices)
+                pset.chosen_by = list(self._preservation_chosen_by)
+                self._use_set(pset, pl_module)
 
-    def _sample_training_data(self, trainer: pl.Trainer) -> PreservationSet | None:
-        if self.preservation_size == 0:
-            return None
-        source = trainer.fit_loop._data_source
-        loader = source.dataloader() if source.is_defined() else None
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (
+            self.preservation_set is None
+            and self.preservation_data is None
+            and self.preservation_size > 0
+            and trainer.current_epoch >= self.preservation_warmup_epochs
+        ):
+            self._build_preservation_set(trainer, pl_module)
+
+    def _training_dataset(self, trainer: pl.Trainer) -> Any:
+        loader = trainer.train_dataloader
+        if loader is None:
+            source = trainer.fit_loop._data_source
+            loader = source.dataloader() if source.is_defined() else None
         dataset = getattr(loader, "dataset", None)
         if dataset is None or not hasattr(dataset, "__len__"):
-            rank_zero_warn(
-                "[sgsc] no map-style training dataset to draw a preservation set from; pass `preservation_data=`."
-                " Training without preservation loss and feedback."
-            )
+            if not self._warned_no_dataset:
+                rank_zero_warn(
+                    "[sgsc] no map-style training dataset to build a preservation set from; pass"
+                    " `preservation_data=`. Training without preservation loss and feedback."
+                )
+                self._warned_no_dataset = True
             return None
-        if self._preservation_indices is None:  # a resumed run keeps the indices from its checkpoint
-            generator = torch.Generator().manual_seed(self.seed)
-            n = min(self.preservation_size, len(dataset))
-            self._preservation_indices = torch.randperm(len(dataset), generator=generator)[:n].tolist()
-        return PreservationSet.from_data(dataset, self._preservation_indices)
+        return dataset
+
+    def _build_preservation_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dataset = self._training_dataset(trainer)
+        if dataset is None:
+            return
+        pset = build_preservation_set(
+            pl_module,
+            dataset,
+            size=min(self.preservation_size, len(dataset), self.preservation_pool or len(dataset)),
+            fractions=self.preservation_fractions,
+            balance_classes=self.balance_classes,
+            seed=self.seed,
+            pool_size=self.preservation_pool,
+            progress=trainer.progress_bar_callback is not None,
+        )
+        self._preservation_indices = pset.indices.tolist()
+        self._preservation_chosen_by = list(pset.chosen_by)
+        self._use_set(pset, pl_module)
+
+    def _use_set(self, pset: PreservationSet, pl_module: pl.LightningModule) -> None:
+        self.preservation_set = pset.to(pl_module.device)
+        self._preservation_iter = self.preservation_set.sampler(self.preservation_batch_size, self.seed)
+        rank_zero_info(f"[sgsc] preservation set: {len(pset)} examples")
 
     def next_preservation_batch(self) -> Any:
         """The next preservation batch (seeded shuffled passes over the set), already on the model's device."""
@@ -317,6 +389,7 @@ class SafetyGuidedQuantization(Callback):
             "history": [dict(e) for e in self.history],
             "swapped_layers": list(self.swapped_layers),
             "preservation_indices": self._preservation_indices,
+            "preservation_chosen_by": list(self._preservation_chosen_by),
         }
 
     @override
@@ -324,5 +397,4 @@ class SafetyGuidedQuantization(Callback):
         self.policy.load_state_dict(state_dict["policy"])
         self.history = [dict(e) for e in state_dict["history"]]
         self._preservation_indices = state_dict.get("preservation_indices")
-
-
+        self._preservation_chosen_by = list(state_dict.get("preservation_chosen_by", []))

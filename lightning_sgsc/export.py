@@ -91,11 +91,16 @@ def export_compressed(model: nn.Module, path: str | Path) -> int:
         bits = required_bits(q)
         kept = bits > 0
         scale = torch.exp2(layer.exponent.detach().float())[kept]
-        region = np.concatenate(
-            [bits.to(torch.uint8).numpy(), _tensor_bytes(scale), pack(q, bits)]
+        region = np.concatenate([bits.to(torch.uint8).numpy(), _tensor_bytes(scale), pack(q, bits)])
+        entries.append(
+            {
+                "n": f"{name}.weight" if name else "weight",
+                "k": "q",
+                "s": list(q.shape),
+                "o": offset,
+                "kept": int(kept.sum()),
+            }
         )
-        entries.append({"n": f"{name}.weight" if name else "weight", "k": "q", "s": list(q.shape), "o": offset,
-                        "kept": int(kept.sum())})
         chunks.append(region)
         offset += region.nbytes
         quantized_weights.add(id(layer.weight))
@@ -149,8 +154,9 @@ def _read(path: str | Path) -> tuple[dict[str, Any], np.ndarray]:
             describe_rule("path", "a lightning-sgsc artifact with an 'sgsc' JSON header", str(path))
         ) from err
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise CompressedFormatError(describe_rule("format", repr(FORMAT), header.get("format") if isinstance(
-            header, dict) else header))
+        raise CompressedFormatError(
+            describe_rule("format", repr(FORMAT), header.get("format") if isinstance(header, dict) else header)
+        )
     if header.get("version") != FORMAT_VERSION:
         raise CompressedFormatError(
             describe_rule("version", str(FORMAT_VERSION), header.get("version"))
@@ -175,8 +181,12 @@ def _shape(entry: Any) -> list[int]:
 def _slice(payload: np.ndarray, start: int, nbytes: int, name: str) -> np.ndarray:
     if start < 0 or nbytes < 0 or start + nbytes > payload.nbytes:
         raise CompressedFormatError(
-            describe_rule(f"the data of {name!r}", f"inside the payload ({payload.nbytes} bytes)",
-                          f"bytes {start}..{start + nbytes}") + " The file is truncated or corrupted."
+            describe_rule(
+                f"the data of {name!r}",
+                f"inside the payload ({payload.nbytes} bytes)",
+                f"bytes {start}..{start + nbytes}",
+            )
+            + " The file is truncated or corrupted."
         )
     return payload[start : start + nbytes]
 

@@ -150,5 +150,3 @@ class SafetyGuidedMixin:
         if isinstance(out, dict):
             return {**out, "loss": loss}
         return loss
-
-

@@ -136,3 +136,47 @@ def float32_bytes(model: nn.Module) -> int:
         b.numel() * b.element_size() for n, b in model.named_buffers() if n.rpartition(".")[2] not in _QUANTIZER_NAMES
     )
     return 4 * params + buffers
+
+
+def format_rows(rows: list[tuple[str, ...]]) -> str:
+    """A plain-text table: the first row is the header, first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_size_table(size: ModelSize) -> str:
+    """A per-layer table: channels kept / total, mean bits, bytes, and the totals against float32."""
+    rows = [("layer", "kept/total", "mean bits", "bytes", "float32 bytes")]
+    for layer in size.layers:
+        rows.append(
+            (
+                layer.name,
+                f"{layer.kept}/{layer.channels}",
+                f"{layer.mean_bits:.2f}",
+                f"{layer.weight_bytes:,}",
+                f"{layer.float32_bytes:,}",
+            )
+        )
+    rows.append(("(other tensors)", "", "", f"{size.other_bytes:,}", ""))
+    rows.append(("total", "", f"{size.bits_per_weight:.2f}", f"{size.total_bytes:,}", f"{size.float32_bytes:,}"))
+    lines = format_rows(rows).splitlines()
+    lines.append(
+        f"compression: {size.compression_ratio:.1f}x against float32 "
+        f"({100 / max(size.compression_ratio, 1e-9):.1f} % of the float32 bytes)"
+    )
+    return "\n".join(lines)
+
+
+def size_report(model: nn.Module, print_table: bool = True) -> ModelSize:
+    """Measures ``model`` (:func:`model_size`), prints the per-layer table, and returns the figures as data."""
+    size = model_size(model)
+    if print_table:
+        print(format_size_table(size))
+    return size

@@ -72,7 +72,7 @@ def test_each_loss_term_is_logged_and_added(tmp_path):
             seen.update({k: float(v) for k, v in trainer.callback_metrics.items()})
             seen["total"] = float(outputs["loss"])
 
-    cb = SafetyGuidedQuantization(l1_weight=0.1, bit_weight=0.01, preservation_weight=2.0)
+    cb = SafetyGuidedQuantization(l1_weight=0.1, bit_weight=0.01, preservation_weight=2.0, preservation_warmup_epochs=0)
     cpu_trainer(tmp_path, [cb, Grab()], max_epochs=1, limit_train_batches=1).fit(model)
     for key in ("train/loss_task", "train/loss_l1", "train/bits_per_weight", "train/loss_preservation"):
         assert key in seen
@@ -88,7 +88,7 @@ def test_each_loss_term_is_logged_and_added(tmp_path):
 
 def test_size_metrics_and_feedback_decisions_are_logged_every_validation(tmp_path):
     model = TinyClassifier()
-    cb = SafetyGuidedQuantization(init_bits=4)
+    cb = SafetyGuidedQuantization(init_bits=4, preservation_warmup_epochs=0)
     trainer = cpu_trainer(tmp_path, [cb], max_epochs=2)
     trainer.fit(model)
     metrics = trainer.callback_metrics
@@ -120,7 +120,9 @@ def test_feedback_restores_when_the_preservation_metric_drops(tmp_path):
                 with torch.no_grad():
                     pl_module.net.head.bits[:] = -1.0
 
-    cb = SafetyGuidedQuantization(init_bits=8, bit_weight=0.0, restore_fraction=1.0, restore_bits=4, threshold=0.05)
+    cb = SafetyGuidedQuantization(
+        init_bits=8, bit_weight=0.0, restore_fraction=1.0, restore_bits=4, threshold=0.05, preservation_warmup_epochs=0
+    )
     trainer = cpu_trainer(tmp_path, [Sabotage(), cb], max_epochs=2, limit_train_batches=6)
     trainer.fit(model)
     first, second = cb.history
@@ -131,7 +133,7 @@ def test_feedback_restores_when_the_preservation_metric_drops(tmp_path):
 
 def test_feedback_runs_at_train_epoch_end_without_a_validation_loop(tmp_path):
     model = TinyClassifier()
-    cb = SafetyGuidedQuantization()
+    cb = SafetyGuidedQuantization(preservation_warmup_epochs=0)
     cpu_trainer(tmp_path, [cb], max_epochs=2, limit_val_batches=0).fit(model)
     assert [e["epoch"] for e in cb.history] == [0, 1]
 
@@ -161,7 +163,7 @@ def test_fit_twice_reuses_the_swapped_model(tmp_path):
 
 def test_checkpoint_resume_restores_quantizer_state(tmp_path):
     model = TinyClassifier()
-    cb = SafetyGuidedQuantization(init_bits=6, bit_weight=0.5)
+    cb = SafetyGuidedQuantization(init_bits=6, bit_weight=0.5, preservation_warmup_epochs=0)
     trainer = cpu_trainer(tmp_path, [cb], max_epochs=1, enable_checkpointing=True)
     trainer.fit(model)
     ckpt = tmp_path / "sgsc.ckpt"
@@ -177,6 +179,8 @@ def test_checkpoint_resume_restores_quantizer_state(tmp_path):
     cpu_trainer(tmp_path, [cb2, check], max_epochs=1, limit_train_batches=0).fit(fresh, ckpt_path=ckpt)
     assert torch.equal(check.bits, model.net.head.bits.detach())
     assert cb2.history == cb.history and cb2.policy.reference == cb.policy.reference
+    assert cb2.preservation_set.indices.tolist() == cb.preservation_set.indices.tolist()  # same set, not re-scored
+    assert cb2.preservation_set.chosen_by == cb.preservation_set.chosen_by
 
 
 def test_mixin_without_callback_trains_a_plain_float_model(tmp_path):
@@ -246,3 +250,18 @@ def test_user_preservation_dataset_is_used(tmp_path):
     cb = SafetyGuidedQuantization(preservation_data=data, preservation_batch_size=4)
     cpu_trainer(tmp_path, [cb], max_epochs=1).fit(TinyClassifier())
     assert len(cb.preservation_set) == 10 and cb.preservation_set.indices.tolist() == list(range(10))
+
+
+def test_preservation_weight_lowers_the_preservation_loss(tmp_path):
+    pset = blob_data(24, seed=5)  # examples the training data only approximates
+
+    def final_loss(weight: float) -> float:
+        torch.manual_seed(0)
+        model = TinyClassifier()
+        cb = SafetyGuidedQuantization(preservation_data=pset, preservation_weight=weight, bit_weight=0.0, prune=False)
+        cpu_trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=4).fit(model)
+        x, y = pset.tensors
+        with torch.no_grad():
+            return F.cross_entropy(model.eval()(x), y).item()
+
+    assert final_loss(5.0) < final_loss(0.0)

@@ -31,7 +31,11 @@ BAD = [
         r"`preservation_weight` must be 0 when there is no preservation data, got 1.0\. Pass `preservation_data=`",
     ),
     ({"quantizer_lr": 0}, SGSCValueError, r"`quantizer_lr` must be a number > 0, got 0\."),
-    ({"preservation_data": [1, 2]}, SGSCTypeError, r"`preservation_data` must be a PreservationSet, torch Dataset or DataLoader"),
+    (
+        {"preservation_data": [1, 2]},
+        SGSCTypeError,
+        r"`preservation_data` must be a PreservationSet, torch Dataset or DataLoader",
+    ),
     ({"preservation_size": -1}, SGSCValueError, r"`preservation_size` must be an integer >= 0, got -1\."),
     ({"preservation_batch_size": 0}, SGSCValueError, r"`preservation_batch_size` must be an integer >= 1, got 0\."),
     ({"threshold": -0.1}, SGSCValueError, r"`threshold` must be in \[0, inf\), got -0.1\."),
@@ -68,9 +72,9 @@ def test_a_schedule_returning_a_bad_value_names_the_epoch():
 
 
 def test_empty_preservation_dataset_is_an_error(tmp_path):
-    from tests.helpers.models import TinyClassifier, cpu_trainer
-
     import torch
+
+    from tests.helpers.models import TinyClassifier, cpu_trainer
 
     cb = SafetyGuidedQuantization(preservation_data=TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0).long()))
     with pytest.raises(SGSCValueError, match=r"`preservation_data` must be a non-empty Dataset or DataLoader"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -52,3 +54,34 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.test_set, batch_size=256)
+
+
+def read_idx(path: str | Path) -> torch.Tensor:
+    """Reads an IDX file (``.gz`` or plain), as used by MNIST and Fashion-MNIST, into a uint8 tensor."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:  # type: ignore[operator]
+        data = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise ValueError(f"`path` must be an IDX file of unsigned bytes, got {str(path)!r} (magic {data[:4]!r}).")
+    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
+
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def load_idx_images(root: str | Path, split: str = "train") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(images as float N×1×28×28 in [0, 1], labels)`` from ``{split}-images-idx3-ubyte.gz``; None if absent."""
+    root = Path(root)
+    prefix = "train" if split == "train" else "t10k"
+    images, labels = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
+    if not images.exists() or not labels.exists():
+        return None
+    x = read_idx(images).float().div_(255.0).unsqueeze(1)
+    return x, read_idx(labels).long()

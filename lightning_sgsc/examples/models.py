@@ -32,6 +32,23 @@ class DigitsCNN(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+class FashionCNN(nn.Module):
+    """Reference CNN for 28×28 grey images (Fashion-MNIST, MNIST): conv 32 → conv 64 → linear 128 → linear 10,
+    each conv 3×3 followed by ReLU and 2×2 max-pooling (421,642 parameters)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.fc1 = nn.Linear(64 * 7 * 7, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
 class ClassifierModule(SafetyGuidedMixin, pl.LightningModule):
     """Cross-entropy classifier around any ``nn.Module`` that returns logits; Adam(W) optimiser.
 

@@ -115,8 +115,11 @@ class PreservationSet:
         flat["indices"] = self.indices.contiguous()
         for name, score in self.scores.items():
             flat[f"score.{name}"] = score.contiguous()
-        meta = {"format_version": str(FORMAT_VERSION), "structure": json.dumps(structure),
-                "chosen_by": json.dumps(self.chosen_by)}
+        meta = {
+            "format_version": str(FORMAT_VERSION),
+            "structure": json.dumps(structure),
+            "chosen_by": json.dumps(self.chosen_by),
+        }
         save_file({k: v.detach().cpu().contiguous() for k, v in flat.items()}, str(path), metadata=meta)
 
     @classmethod
@@ -131,7 +134,7 @@ class PreservationSet:
                     describe_rule("format_version", f"{FORMAT_VERSION}", meta.get("format_version"))
                     + f" {path} is not a preservation set written by this version."
                 )
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
         data = _unflatten(json.loads(meta["structure"]), tensors)
         scores = {k[len("score.") :]: v for k, v in tensors.items() if k.startswith("score.")}
         return cls(data, tensors["indices"], scores, json.loads(meta["chosen_by"]))

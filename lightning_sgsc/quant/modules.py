@@ -171,5 +171,3 @@ def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
     for _, layer in quantized_layers(model):
         params += [layer.bits, layer.exponent]
     return params
-
-

@@ -38,7 +38,9 @@ def test_include_exclude_and_filter_fn():
 
 
 def test_unknown_pattern_names_the_pattern_and_lists_layers():
-    with pytest.raises(SGSCValueError, match=r"`exclude` must be patterns .* got 'classifier'\. Layers: features.0, head"):
+    with pytest.raises(
+        SGSCValueError, match=r"`exclude` must be patterns .* got 'classifier'\. Layers: features.0, head"
+    ):
         quantize_(TinyConvNet(), exclude=["classifier"])
 
 

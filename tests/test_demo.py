@@ -1,0 +1,44 @@
+import json
+
+import pytest
+
+from lightning_sgsc import model_size, quantize_
+from lightning_sgsc.size import size_report
+from tests.helpers.models import TinyConvNet
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_writes_the_json(tmp_path, capsys):
+    from lightning_sgsc.demo import main
+
+    out = tmp_path / "demo.json"
+    result = main(["--epochs", "2", "--json", str(out)])
+    written = json.loads(out.read_text())
+    for key in ("float_acc", "compressed_acc", "float_bytes", "compressed_bytes", "bits_per_weight"):
+        assert key in written
+    assert written["float_bytes"] == 24_360  # 6,090 float32 parameters
+    assert 0 < written["compressed_bytes"] < written["float_bytes"]
+    assert written["compressed_bytes"] >= written["compressed_estimate_bytes"]  # the file: estimate plus header
+    assert result["float_acc"] == written["float_acc"]
+    printed = capsys.readouterr().out
+    assert "float32" in printed and "sgsc" in printed and "kept/total" in printed
+
+
+def test_demo_rejects_bad_epochs(capsys):
+    from lightning_sgsc.demo import main
+
+    with pytest.raises(SystemExit):
+        main(["--epochs", "0"])
+    assert "`--epochs` must be >= 1, got 0." in capsys.readouterr().err
+
+
+def test_size_report_prints_and_returns_the_figures(capsys):
+    net = TinyConvNet()
+    quantize_(net, init_bits=4)
+    size = size_report(net)
+    assert size == model_size(net)
+    table = capsys.readouterr().out
+    assert "features.0" in table and "head" in table and "4/4" in table and "compression:" in table
+    assert size.float32_bytes == 4 * sum(
+        p.numel() for n, p in net.named_parameters() if not n.endswith(("bits", "exponent"))
+    )
