@@ -32,6 +32,7 @@ from lightning_sgsc.feedback import (
     Event,
     FeedbackPolicy,
     apply_decision,
+    mask_pruned_grads_,
     probe_weight_grads,
     taylor_restore_scores,
 )
@@ -182,6 +183,7 @@ class SafetyGuidedQuantization(Callback):
         self._preservation_chosen_by: list[str] = []
         self._warned_no_dataset = False
         self._feedback_epoch = -1
+        self._any_pruned = False
 
     # ------------------------------------------------------------------------------------------------ set up
 
@@ -206,6 +208,7 @@ class SafetyGuidedQuantization(Callback):
                 f"[sgsc] quantized {len(self.swapped_layers)} layers at {self.quant_config.init_bits:g} bits"
             )
         self._layers = [m for _, m in quantized_layers(pl_module)]
+        self._any_pruned = any(bool(layer.pruned.any()) for layer in self._layers)
         self.feedback_config = dataclasses.replace(self.feedback_config, mode=pl_module.preservation_metric_mode)
         self.policy.config = self.feedback_config
 
@@ -321,6 +324,13 @@ class SafetyGuidedQuantization(Callback):
             weights["preservation"] = 0.0
         return weighted_sum(terms, {k: w for k, w in weights.items() if k in terms}), terms
 
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._any_pruned:
+            mask_pruned_grads_(self._layers)
+
     # ------------------------------------------------------------------------------------------------ feedback
 
     @override
@@ -352,6 +362,7 @@ class SafetyGuidedQuantization(Callback):
                 optimizers=list(trainer.optimizers),
             )
             pl_module.train(was_training)
+            self._any_pruned = any(bool(layer.pruned.any()) for layer in self._layers)
             event = Event(**{**event.as_dict(), "epoch": trainer.current_epoch, "step": trainer.global_step})
             self.history.append(event.as_dict())
             pl_module.log("sgsc/preservation_metric", metric)

@@ -213,8 +213,10 @@ def enforce_min_channels(model: nn.Module, to_prune: Masks, min_channels: int) -
 
 @torch.no_grad()
 def prune_channels_(model: nn.Module, selection: Masks, optimizers: list[torch.optim.Optimizer] = ()) -> int:  # type: ignore[assignment]
-    """Makes the selected channels permanent zeros: ``pruned`` set, ``bits`` and weights zeroed, and every
-    per-parameter optimizer state of those rows (Adam moments, momentum) cleared so nothing moves them again."""
+    """Makes the selected channels permanent zeros: ``pruned`` set; ``bits``, weights and bias zeroed (so the channel
+    outputs exactly zero and can be removed physically at export, see :mod:`lightning_sgsc.prune`); every
+    per-parameter optimizer state of those rows (Adam moments, momentum) cleared so nothing moves them again.
+    :func:`mask_pruned_grads_` keeps their gradients at zero afterwards."""
     layers = dict(quantized_layers(model))
     total = 0
     for name, mask in selection.items():
@@ -224,13 +226,29 @@ def prune_channels_(model: nn.Module, selection: Masks, optimizers: list[torch.o
         layer.pruned |= mask
         layer.bits[mask] = 0.0
         layer.weight[mask] = 0.0
+        if layer.bias is not None:
+            layer.bias[mask] = 0.0
         for opt in optimizers:
-            for param in (layer.weight, layer.bits):
+            for param in (layer.weight, layer.bits, layer.bias):
+                if param is None:
+                    continue
                 for value in opt.state.get(param, {}).values():
                     if isinstance(value, Tensor) and value.shape == param.shape:
                         value[mask] = 0
         total += int(mask.sum())
     return total
+
+
+@torch.no_grad()
+def mask_pruned_grads_(model: nn.Module | list[QuantizedLayer]) -> None:
+    """Zeroes the gradients of pruned channels (weight, bias, bits), so no optimizer term can move them."""
+    layers = model if isinstance(model, list) else [m for _, m in quantized_layers(model)]
+    for layer in layers:
+        if not bool(layer.pruned.any()):
+            continue
+        for param in (layer.weight, layer.bias, layer.bits):
+            if param is not None and param.grad is not None:
+                param.grad[layer.pruned] = 0
 
 
 def apply_decision(

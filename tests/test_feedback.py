@@ -12,6 +12,7 @@ from lightning_sgsc.feedback import (
     FeedbackPolicy,
     apply_decision,
     enforce_min_channels,
+    mask_pruned_grads_,
     probe_weight_grads,
     prune_channels_,
     select_top,
@@ -83,9 +84,11 @@ def test_prune_freezes_channels_and_clears_adam_state_so_they_stay_zero():
     for _ in range(5):
         opt.zero_grad()
         (nn.functional.cross_entropy(net(x), y) + conv.weight.abs().sum()).backward()
+        mask_pruned_grads_(net)  # the callback does this in on_before_optimizer_step
         opt.step()
     assert conv.pruned.tolist() == [False, True, True, False]
     assert torch.equal(conv.weight[1:3], torch.zeros_like(conv.weight[1:3]))
+    assert torch.equal(conv.bias[1:3], torch.zeros(2))  # the channel outputs exactly zero: removable at export
     assert torch.equal(conv.bits[1:3], torch.zeros(2))
     assert bool((conv.weight[0] != 0).any())
 

@@ -54,6 +54,7 @@ def build_preservation_set(
     uncertainty: str = "margin",
     pool_size: int | None = None,
     progress: bool = False,
+    modality: str = "auto",
 ) -> PreservationSet:
     """Scores candidates from ``data`` and returns the ``size`` that matter most.
 
@@ -71,6 +72,8 @@ def build_preservation_set(
         uncertainty: ``"margin"`` or ``"entropy"``.
         pool_size: score only this many candidates, drawn at random (seeded); default: all.
         progress: show a progress bar while scoring.
+        modality: ``"image"``, ``"text"`` or ``"auto"`` (text when the inputs are integer token ids); see
+            :func:`~lightning_sgsc.preservation.scoring.score_pool`.
 
     Returns:
         The set, with the source indices, each strategy's scores and which strategy chose each example.
@@ -107,8 +110,11 @@ def build_preservation_set(
         with_gradcam=fractions.get("gradcam", 0) > 0,
         progress=progress,
         total=len(loader),
+        modality=modality,
     )
     cap = None
+    if balance_classes and scores.modality == "text":
+        raise SGSCValueError(describe_rule("balance_classes", "False for text (sequences have no class)", True))
     if balance_classes:
         classes = int(scores.targets.max()) + 1
         cap = {c: math.ceil(size / classes) for c in range(classes)}
@@ -132,7 +138,7 @@ def build_preservation_set(
     per_strategy = {name: s.scores(scores) for name, s in strategies.items() if name in ("gradcam", "uncertainty")}
     pset.scores = {name: v[positions] for name, v in per_strategy.items()}
     pset.chosen_by = chosen_by
-    histogram = Counter(int(t) for t in scores.targets[positions])
+    histogram = Counter(int(t) for t in scores.targets[positions]) if scores.targets.dim() == 1 else {}
     log.info(
         "[sgsc] preservation set: %d of %d candidates; classes %s; by strategy %s",
         size,

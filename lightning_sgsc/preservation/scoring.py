@@ -1,10 +1,15 @@
 """Scoring candidate examples for the preservation set: one batched pass, three signals.
 
+Images (class logits):
+
 * ``gradcam``: mean Grad-CAM intensity (pytorch-grad-cam's ``GradCAM``, raw: without its per-image min-max
   scaling, so intensities compare across examples) at a target layer (default: the last Conv2d); high first.
 * ``uncertainty``: ``1 - (p_top1 - p_top2)`` (margin) or the softmax entropy; the least certain first.
 * ``kmeans``: not a score but a choice: k-means on penultimate embeddings (the input of the last Linear), the example
   nearest each centroid.
+
+Text (token ids in, next-token logits out): ``uncertainty`` is the per-sequence loss, ``gradcam`` is the
+gradient × input saliency on the token embeddings (the first ``nn.Embedding``), ``kmeans`` runs on mean hidden states.
 
 The pass runs every batch through the model once forward and once backward (for Grad-CAM), batched; the logits of
 that same forward give the uncertainty, a hook on the last Linear gives the embeddings.
@@ -12,6 +17,7 @@ that same forward give the uncertainty, a hook on the last Linear gives the embe
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_sgsc.errors import SGSCTypeError, SGSCValueError, describe_rule
@@ -32,6 +39,8 @@ class PoolScores:
     targets: Tensor
     embeddings: Tensor
     gradcam: Tensor | None
+    loss: Tensor | None = None
+    modality: str = "image"
 
 
 class Strategy(ABC):
@@ -88,6 +97,9 @@ class Uncertainty(Strategy):
         self.kind = kind
 
     def scores(self, pool: PoolScores) -> Tensor:
+        if pool.modality == "text":
+            assert pool.loss is not None
+            return pool.loss  # per-sequence loss: the least predictable sequences first
         return uncertainty_scores(pool.logits, self.kind)
 
 
@@ -168,8 +180,10 @@ def kmeans_representatives(embeddings: Tensor, k: int, seed: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------------- the pass
 
 
-def find_layer(model: nn.Module, name: str | None, kind: type[nn.Module], arg: str) -> tuple[str, nn.Module] | None:
-    """The module called ``name``, or the last module of type ``kind`` when ``name`` is None."""
+def find_layer(
+    model: nn.Module, name: str | None, kind: type[nn.Module], arg: str, first: bool = False
+) -> tuple[str, nn.Module] | None:
+    """The module called ``name``, or the last (``first``: the first) module of type ``kind`` when ``name`` is None."""
     if name is not None:
         modules = dict(model.named_modules())
         if name not in modules:
@@ -180,7 +194,7 @@ def find_layer(model: nn.Module, name: str | None, kind: type[nn.Module], arg: s
             )
         return name, modules[name]
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]
-    return found[-1] if found else None
+    return (found[0] if first else found[-1]) if found else None
 
 
 def _raw_gradcam_class() -> type:
@@ -210,51 +224,96 @@ def score_pool(
     with_gradcam: bool = True,
     progress: bool = False,
     total: int | None = None,
+    modality: str = "auto",
 ) -> PoolScores:
-    """Runs the scoring pass over ``batches`` of ``(inputs, targets)``."""
+    """Runs the scoring pass over ``batches`` of ``(inputs, targets)``.
+
+    ``modality``: ``"image"`` (class logits ``(B, C)``; Grad-CAM at a Conv2d), ``"text"`` (token ids in, logits
+    ``(B, T, V)`` against next tokens ``(B, T)``; per-sequence loss for uncertainty, gradient × input on the token
+    embeddings in Grad-CAM's place, mean hidden states for k-means) or ``"auto"`` (text when the inputs are integer
+    token ids).
+    """
     from tqdm.auto import tqdm
 
+    if modality not in ("auto", "image", "text"):
+        raise SGSCValueError(describe_rule("modality", "'auto', 'image' or 'text'", modality))
+    iterator = iter(batches)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise SGSCValueError(describe_rule("data", "a non-empty Dataset or DataLoader", "no batches")) from None
+    if modality == "auto":
+        modality = "text" if not torch.is_floating_point(first[0]) else "image"
     head = find_layer(model, None, nn.Linear, "embedding layer")
     if head is None:
         raise SGSCTypeError(
-            describe_rule("model", "a classifier whose last Linear layer gives class logits", type(model).__name__)
+            describe_rule("model", "a classifier whose last Linear layer gives the logits", type(model).__name__)
         )
-    conv = find_layer(model, target_layer, nn.Conv2d, "target_layer") if with_gradcam else None
-    if with_gradcam and conv is None:
+    kind: type[nn.Module] = nn.Embedding if modality == "text" else nn.Conv2d
+    attention = (
+        find_layer(model, target_layer, kind, "target_layer", first=modality == "text") if with_gradcam else None
+    )
+    if with_gradcam and attention is None:
         raise SGSCValueError(
-            describe_rule("target_layer", "a Conv2d layer for Grad-CAM (the model has none)", None)
+            describe_rule("target_layer", f"a {kind.__name__} layer for the attention score (the model has none)", None)
             + " Set the 'gradcam' fraction to 0."
         )
     captured: list[Tensor] = []
-    hooks = [head[1].register_forward_hook(lambda m, inp, out: captured.append(inp[0].detach().flatten(1).cpu()))]
-    logits_all, targets_all, emb_all, cams = [], [], [], []
+
+    def keep_embedding(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        h = inputs[0].detach()
+        captured.append((h.mean(1) if h.dim() == 3 else h.flatten(1)).float().cpu())
+
+    hooks = [head[1].register_forward_hook(keep_embedding)]
+    leaves: list[Tensor] = []
+
+    def make_leaf(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        leaf = output.detach().requires_grad_(True)
+        leaves.append(leaf)
+        return leaf
+
+    logits_all, targets_all, emb_all, attn_all, loss_all = [], [], [], [], []
     was_training = model.training
-    # Grad-CAM needs d(logit)/d(target activation) only: start the graph at the target layer's output (a leaf that
-    # requires grad) and freeze every parameter, so backward touches no weight and nothing below the target layer.
+    model.eval()
+    # The attention score needs d(output)/d(one activation) only: start the graph at that layer's output (a leaf that
+    # requires grad) and freeze every parameter, so backward touches no weight and nothing below that layer.
     requires = {p: p.requires_grad for p in model.parameters()}
-    if conv is not None:
-        hooks.append(conv[1].register_forward_hook(lambda m, inp, out: out.detach().requires_grad_(True)))
+    if attention is not None:
+        hooks.append(attention[1].register_forward_hook(make_leaf))
         for p in requires:
             p.requires_grad_(False)
-    cam = _raw_gradcam_class()(model=model, target_layers=[conv[1]]) if conv is not None else None
+    cam = _raw_gradcam_class()(model=model, target_layers=[attention[1]]) if attention and modality == "image" else None
     try:
-        for batch in tqdm(batches, desc="[sgsc] scoring preservation candidates", disable=not progress, total=total):
+        for batch in tqdm(
+            itertools.chain([first], iterator),
+            desc="[sgsc] scoring preservation candidates",
+            disable=not progress,
+            total=total,
+        ):
             x, y = batch[0], batch[1]
             captured.clear()
-            if cam is not None:
-                with torch.enable_grad():
-                    maps = cam(input_tensor=x, targets=None)
-                logits = cam.outputs.detach()
-                cams.append(torch.from_numpy(maps.reshape(maps.shape[0], -1).mean(1)).float())
+            leaves.clear()
+            if modality == "image":
+                if cam is not None:
+                    with torch.enable_grad():
+                        maps = cam(input_tensor=x, targets=None)
+                    logits = cam.outputs.detach()
+                    attn_all.append(torch.from_numpy(maps.reshape(maps.shape[0], -1).mean(1)).float())
+                else:
+                    with torch.no_grad():
+                        logits = model(x)
+                _check_logits(logits, 2, "class logits of shape (batch, classes)")
             else:
-                with torch.no_grad():
+                with torch.enable_grad():
                     logits = model(x)
-            if not isinstance(logits, Tensor) or logits.dim() != 2:
-                raise SGSCTypeError(
-                    describe_rule(
-                        "model output", "class logits of shape (batch, classes)", getattr(logits, "shape", type(logits))
-                    )
-                )
+                    _check_logits(logits, 3, "token logits of shape (batch, time, vocab)")
+                    per_seq = F.cross_entropy(logits.transpose(1, 2).float(), y, reduction="none").mean(1)
+                    if leaves:
+                        per_seq.sum().backward()
+                        e = leaves[0]
+                        attn_all.append((e.grad * e).abs().sum(-1).mean(-1).detach().float().cpu())
+                loss_all.append(per_seq.detach().cpu())
+                logits = logits.detach()
             logits_all.append(logits.float().cpu())
             targets_all.append(y.cpu())
             emb_all.append(captured[-1])
@@ -267,11 +326,16 @@ def score_pool(
             cam.activations_and_grads.release()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    if not logits_all:
-        raise SGSCValueError(describe_rule("data", "a non-empty Dataset or DataLoader", "no batches"))
     return PoolScores(
         logits=torch.cat(logits_all),
         targets=torch.cat(targets_all),
         embeddings=torch.cat(emb_all),
-        gradcam=torch.cat(cams) if cams else None,
+        gradcam=torch.cat(attn_all) if attn_all else None,
+        loss=torch.cat(loss_all) if loss_all else None,
+        modality=modality,
     )
+
+
+def _check_logits(logits: Any, dim: int, rule: str) -> None:
+    if not isinstance(logits, Tensor) or logits.dim() != dim:
+        raise SGSCTypeError(describe_rule("model output", rule, getattr(logits, "shape", type(logits))))

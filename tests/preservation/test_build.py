@@ -145,8 +145,50 @@ def test_model_without_logits_and_empty_data():
     data = TensorDataset(torch.randn(20, 10), torch.zeros(20).long())
     with pytest.raises(SGSCTypeError, match=r"`model output` must be class logits of shape \(batch, classes\)"):
         build_preservation_set(Embedder(), data, 5, fractions={"uncertainty": 1.0})
-    with pytest.raises(SGSCValueError, match=r"`target_layer` must be a Conv2d layer for Grad-CAM"):
+    with pytest.raises(SGSCValueError, match=r"`target_layer` must be a Conv2d layer for the attention score"):
         build_preservation_set(TinyMLP(), data, 5)
     empty = TensorDataset(torch.zeros(0, 10), torch.zeros(0).long())
     with pytest.raises(SGSCValueError, match=r"`data` must be a non-empty Dataset or DataLoader"):
         build_preservation_set(TinyMLP(), DataLoader(empty), 5, fractions={"uncertainty": 1.0})
+
+
+@pytest.fixture(scope="module")
+def trained_lm():
+    """A one-block character transformer trained briefly on sequences from two patterns plus random noise."""
+    from tests.helpers.models import TinyTransformer
+
+    g = torch.Generator().manual_seed(0)
+    n = 300
+    seqs = torch.randint(0, 11, (n, 9), generator=g)
+    easy = torch.arange(n) % 3 != 0  # two thirds follow a fixed counting pattern, a third stay random
+    seqs[easy] = (torch.arange(9) + torch.randint(0, 11, (int(easy.sum()), 1), generator=g)) % 11
+    x, y = seqs[:, :-1], seqs[:, 1:]
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        F.cross_entropy(model(x).transpose(1, 2), y).backward()
+        opt.step()
+    return model.eval(), TensorDataset(x, y), easy
+
+
+def test_text_uncertainty_picks_the_unpredictable_sequences(trained_lm):
+    model, data, easy = trained_lm
+    chosen = build_preservation_set(model, data, 60, fractions={"uncertainty": 1.0})
+    assert chosen.scores["uncertainty"].shape == (60,)
+    share_random = (~easy[chosen.indices]).float().mean().item()
+    assert share_random > 0.9  # a third of the data is random, the chosen are almost all random
+
+
+def test_text_saliency_and_kmeans_beat_random(trained_lm):
+    model, data, _ = trained_lm
+    rand = _random(model, data, 50)
+    sal = build_preservation_set(model, data, 50, fractions={"gradcam": 1.0})
+    rand_sal = score_pool(model, [rand.data]).gradcam
+    assert sal.scores["gradcam"].mean() > rand_sal.mean()
+    div = build_preservation_set(model, data, 20, fractions={"kmeans": 1.0})
+    spread = [torch.pdist(score_pool(model, [s.data], with_gradcam=False).embeddings).mean() for s in (div, rand)]
+    assert spread[0] > spread[1]
+    with pytest.raises(SGSCValueError, match=r"`balance_classes` must be False for text"):
+        build_preservation_set(model, data, 10, balance_classes=True)

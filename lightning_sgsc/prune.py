@@ -1,0 +1,161 @@
+"""Physical pruning: remove output channels that compute exactly zero, and the inputs that consumed them.
+
+A channel computes exactly zero when its weights and its bias are all zero (what the callback's pruning leaves, and
+what an exported zero-bit channel reloads as). Removing it, and the matching inputs of the layers that read it, leaves
+the model's function unchanged up to floating-point summation order, as long as everything in between maps 0 to 0
+(ReLU, GELU, pooling, flatten, reshapes).
+
+The dependency graph comes from Torch-Pruning (``torch-pruning`` on PyPI; it follows Conv → activation/pool → Conv,
+Conv → flatten → Linear, Linear → Linear and the q/k/v splits of attention). A group is removed only if every layer
+whose *outputs* it would cut holds zeros there and no normalisation or embedding layer is in it (those would turn
+a zero into a constant); otherwise the channels stay. The result is checked against the original outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_sgsc.errors import SGSCRuntimeError, SGSCTypeError, describe_rule
+from lightning_sgsc.quant.modules import quantized_layers
+
+_PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_BLOCKERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune_zero_channels` removed."""
+
+    removed: dict[str, int] = field(default_factory=dict)
+    kept_zero: dict[str, int] = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    max_abs_diff: float = 0.0
+
+
+def _zero_rows(layer: nn.Module) -> Tensor:
+    w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    zero = (w == 0).all(dim=1)
+    if layer.bias is not None:
+        zero &= layer.bias.detach() == 0
+    return zero
+
+
+def _output_layers(model: nn.Module, example_inputs: Any) -> set[nn.Module]:
+    """Layers whose output tensor is (part of) the model's output: their channels are never removed."""
+    produced: dict[int, nn.Module] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o: produced.__setitem__(id(o), mod))
+        for m in model.modules()
+        if isinstance(m, _PRUNABLE)
+    ]
+    try:
+        with torch.no_grad():
+            out = model(example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    return {produced[id(o)] for o in outs if id(o) in produced}
+
+
+def _count(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
+    import torch_pruning as tp
+
+    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    return int(macs), int(params)
+
+
+def prune_zero_channels(model: nn.Module, example_inputs: Any, atol: float = 1e-5) -> PruneReport:
+    """Removes every exactly-zero output channel that can be removed without changing the outputs, in place.
+
+    Args:
+        model: a float model (e.g. from :func:`~lightning_sgsc.export.load_compressed` or after
+            :func:`~lightning_sgsc.dequantize_`), in eval mode.
+        example_inputs: inputs to trace the model with (and to check the outputs on).
+        atol: largest absolute output change accepted (summation order differs once channels are gone).
+
+    Returns:
+        A :class:`PruneReport`: channels removed and kept per layer, parameters and MACs before and after.
+
+    Raises:
+        SGSCTypeError: the model still holds quantized twins.
+        SGSCRuntimeError: the outputs changed by more than ``atol`` (a graph Torch-Pruning mis-read).
+    """
+    import torch_pruning as tp
+
+    if quantized_layers(model):
+        raise SGSCTypeError(
+            describe_rule("model", "a float model", "a model with quantized layers")
+            + " Call `dequantize_(model)` or load the exported file with `load_compressed` first."
+        )
+    model.eval()
+    with torch.no_grad():
+        reference = model(example_inputs)
+    report = PruneReport()
+    report.macs_before, report.params_before = _count(model, example_inputs)
+    keep_outputs = _output_layers(model, example_inputs)
+    with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    names = {m: n for n, m in model.named_modules()}
+    for layer in [m for m in model.modules() if isinstance(m, _PRUNABLE)]:
+        zero = _zero_rows(layer)
+        name = names[layer]
+        n_zero = int(zero.sum())
+        if not n_zero:
+            continue
+        if layer in keep_outputs:
+            report.kept_zero[name] = n_zero
+            continue
+        idxs = zero.nonzero().flatten().tolist()
+        if len(idxs) == zero.numel():
+            idxs = idxs[1:]  # a layer keeps at least one channel
+        handler = (
+            tp.prune_conv_out_channels if isinstance(layer, (nn.Conv1d, nn.Conv2d)) else tp.prune_linear_out_channels
+        )
+        group = graph.get_pruning_group(layer, handler, idxs=idxs)
+        if _group_is_exact(group):
+            group.prune()
+            report.removed[name] = len(idxs)
+            if n_zero > len(idxs):
+                report.kept_zero[name] = n_zero - len(idxs)
+        else:
+            report.kept_zero[name] = n_zero
+    with torch.no_grad():
+        out = model(example_inputs)
+    if out.shape != reference.shape:
+        raise SGSCRuntimeError(describe_rule("pruned output shape", str(tuple(reference.shape)), tuple(out.shape)))
+    report.max_abs_diff = float((out - reference).abs().max())
+    if report.max_abs_diff > atol:
+        raise SGSCRuntimeError(
+            describe_rule("pruned outputs", f"within {atol} of the original", report.max_abs_diff)
+            + " Torch-Pruning grouped channels that are not all zero; please report the model."
+        )
+    report.macs_after, report.params_after = _count(model, example_inputs)
+    return report
+
+
+def _group_is_exact(group: Any) -> bool:
+    for dep, idxs in group:
+        module = dep.target.module
+        handler = getattr(dep.handler, "__name__", "")
+        if isinstance(module, _BLOCKERS):
+            return False
+        if isinstance(module, _PRUNABLE) and handler == "prune_out_channels":
+            rows = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
+            if not bool(_zero_rows(module)[rows].all()):
+                return False
+    return True
+
+
+def pruned_copy(model: nn.Module, example_inputs: Any, atol: float = 1e-5) -> tuple[nn.Module, PruneReport]:
+    """:func:`prune_zero_channels` on a deep copy; the original stays as it is."""
+    clone = copy.deepcopy(model)
+    return clone, prune_zero_channels(clone, example_inputs, atol)
