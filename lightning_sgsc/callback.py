@@ -63,6 +63,8 @@ class SafetyGuidedQuantization(Callback):
             right (collated once and held as tensors on the model's device). ``None``: built from the training
             data by :func:`~lightning_sgsc.preservation.build_preservation_set` (see the next arguments).
         preservation_size: size of the set built when ``preservation_data`` is ``None``.
+        preservation_source: the data the set is scored from when ``preservation_data`` is ``None`` (default: the
+            training dataset). Training or validation data, never the test split.
         preservation_fractions: share of the set chosen by each strategy: ``gradcam`` (attention), ``uncertainty``
             (margin), ``kmeans`` (diversity), ``random``. Default: a third each of the first three.
         preservation_warmup_epochs: training epochs before the set is scored and built (from the model as it is
@@ -96,6 +98,7 @@ class SafetyGuidedQuantization(Callback):
         preservation_data: PreservationData | None = None,
         preservation_size: int = 256,
         preservation_batch_size: int = 64,
+        preservation_source: Dataset | DataLoader | None = None,
         preservation_fractions: dict[str, float] | None = None,
         preservation_warmup_epochs: int = 1,
         preservation_pool: int | None = 10_000,
@@ -157,6 +160,13 @@ class SafetyGuidedQuantization(Callback):
             isinstance(preservation_pool, bool) or not isinstance(preservation_pool, int) or preservation_pool < 1
         ):
             raise SGSCValueError(describe_rule("preservation_pool", "an integer >= 1 or None", preservation_pool))
+        if preservation_source is not None and not isinstance(preservation_source, (Dataset, DataLoader)):
+            raise SGSCTypeError(
+                describe_rule(
+                    "preservation_source", "a torch Dataset or DataLoader (or None)", type(preservation_source)
+                )
+            )
+        self.preservation_source = preservation_source
         self.preservation_warmup_epochs = preservation_warmup_epochs
         self.preservation_pool = preservation_pool
         self.balance_classes = bool(balance_classes)
@@ -265,6 +275,9 @@ class SafetyGuidedQuantization(Callback):
             self._build_preservation_set(trainer, pl_module)
 
     def _training_dataset(self, trainer: pl.Trainer) -> Any:
+        if self.preservation_source is not None:
+            source = self.preservation_source
+            return source.dataset if isinstance(source, DataLoader) else source
         loader = trainer.train_dataloader
         if loader is None:
             source = trainer.fit_loop._data_source

@@ -30,6 +30,7 @@ def _train(compress: bool, epochs: int, seed: int, lr: float) -> dict[str, Any]:
 
     from lightning_sgsc import SafetyGuidedQuantization, SGSCRuntimeError, model_size
     from lightning_sgsc.examples import ClassifierModule, DigitsCNN, DigitsDataModule
+    from lightning_sgsc.examples.training import quiet_trainer
     from lightning_sgsc.export import export_compressed, load_compressed
     from lightning_sgsc.size import format_size_table
 
@@ -37,15 +38,7 @@ def _train(compress: bool, epochs: int, seed: int, lr: float) -> dict[str, Any]:
     data = DigitsDataModule(seed=seed)
     model = ClassifierModule(DigitsCNN(), lr=lr)
     callback = SafetyGuidedQuantization(seed=seed, **DEMO_SETTINGS) if compress else None
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback] if callback else [],
-    )
+    trainer = quiet_trainer(epochs, [callback] if callback else [])
     start = time.perf_counter()
     trainer.fit(model, data)
     seconds = time.perf_counter() - start

@@ -134,15 +134,19 @@ def select_top(scores: dict[str, Tensor], candidates: Masks, fraction: float) ->
     return out
 
 
+def _selected(model: nn.Module, selection: Masks) -> Iterator[tuple[QuantizedLayer, Tensor]]:
+    """``(layer, mask)`` for every layer of ``selection`` with at least one selected channel."""
+    layers = dict(quantized_layers(model))
+    for name, mask in selection.items():
+        if bool(mask.any()):
+            yield layers[name], mask
+
+
 @torch.no_grad()
 def restore_channels_(model: nn.Module, selection: Masks, bits: float) -> int:
     """Sets the selected channels to ``bits`` bits, with exponents that clip none of their weights."""
-    layers = dict(quantized_layers(model))
     total = 0
-    for name, mask in selection.items():
-        if not bool(mask.any()):
-            continue
-        layer = layers[name]
+    for layer, mask in _selected(model, selection):
         layer.bits[mask] = float(bits)
         layer.exponent[mask] = init_exponent(layer.weight[mask], bits).to(layer.exponent.dtype)
         total += int(mask.sum())
@@ -217,12 +221,8 @@ def prune_channels_(model: nn.Module, selection: Masks, optimizers: list[torch.o
     outputs exactly zero and can be removed physically at export, see :mod:`lightning_sgsc.prune`); every
     per-parameter optimizer state of those rows (Adam moments, momentum) cleared so nothing moves them again.
     :func:`mask_pruned_grads_` keeps their gradients at zero afterwards."""
-    layers = dict(quantized_layers(model))
     total = 0
-    for name, mask in selection.items():
-        if not bool(mask.any()):
-            continue
-        layer = layers[name]
+    for layer, mask in _selected(model, selection):
         layer.pruned |= mask
         layer.bits[mask] = 0.0
         layer.weight[mask] = 0.0

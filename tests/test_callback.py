@@ -265,3 +265,20 @@ def test_preservation_weight_lowers_the_preservation_loss(tmp_path):
             return F.cross_entropy(model.eval()(x), y).item()
 
     assert final_loss(5.0) < final_loss(0.0)
+
+
+def test_the_set_is_scored_from_a_named_source_after_warm_up(tmp_path):
+    source = blob_data(40, seed=9)
+    cb = SafetyGuidedQuantization(
+        preservation_source=source,
+        preservation_size=12,
+        preservation_fractions={"uncertainty": 0.5, "kmeans": 0.5},
+        preservation_warmup_epochs=1,
+    )
+    trainer = cpu_trainer(tmp_path, [cb], max_epochs=2)
+    trainer.fit(TinyClassifier())
+    assert len(cb.preservation_set) == 12 and max(cb._preservation_indices) < 40
+    assert sorted(set(cb.preservation_set.chosen_by)) == ["kmeans", "uncertainty"]
+    assert [e["epoch"] for e in cb.history] == [1]  # no set, no feedback during the warm-up epoch
+    x, _ = cb.preservation_set.data
+    assert torch.equal(x, source.tensors[0][cb.preservation_set.indices])

@@ -85,3 +85,16 @@ def test_quantized_models_must_be_converted_first():
         prune_zero_channels(model, torch.randn(2, 10))
     dequantize_(model)
     assert prune_zero_channels(model, torch.randn(2, 10)).removed == {}
+
+
+def test_zero_qkv_rows_under_a_custom_head_reshape_stay_instead_of_breaking_the_model():
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    _zero(model.qkv, [0, 16, 32])  # the same dimension of q, k and v in head 0: a reshape Torch-Pruning cannot fix
+    _zero(model.mlp[0], [3])
+    x = torch.randint(0, 11, (3, 8))
+    expected = model(x)
+    report = prune_zero_channels(model, x)
+    assert report.removed == {"mlp.0": 1} and report.kept_zero["qkv"] == 3
+    assert model.qkv.out_features == 48
+    assert_close(model(x), expected, atol=1e-5, rtol=0)

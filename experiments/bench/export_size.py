@@ -31,6 +31,7 @@ from lightning_sgsc import SafetyGuidedQuantization, model_size
 from lightning_sgsc.demo import DEMO_SETTINGS
 from lightning_sgsc.examples import ClassifierModule, DigitsCNN, DigitsDataModule, FashionCNN
 from lightning_sgsc.examples.data import FASHION_MNIST_DIR, load_idx_images
+from lightning_sgsc.examples.training import quiet_trainer
 from lightning_sgsc.export import export_compressed, load_compressed
 from lightning_sgsc.prune import pruned_copy
 
@@ -39,16 +40,7 @@ def _fit(net: torch.nn.Module, train: DataLoader, epochs: int) -> ClassifierModu
     pl.seed_everything(0, verbose=False)
     module = ClassifierModule(net, lr=3e-3)
     callback = SafetyGuidedQuantization(**DEMO_SETTINGS)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[callback],
-    )
+    trainer = quiet_trainer(epochs, [callback], limit_val_batches=0)
     trainer.fit(module, train_dataloaders=train)
     return module
 

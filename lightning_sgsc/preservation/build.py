@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import Counter
 from collections.abc import Mapping
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_sgsc.errors import SGSCTypeError, SGSCValueError, describe_rule
 from lightning_sgsc.preservation.scoring import STRATEGIES, Strategy, Uncertainty, score_pool
 from lightning_sgsc.preservation.set import PreservationSet
-
-log = logging.getLogger(__name__)
 
 DEFAULT_FRACTIONS: dict[str, float] = {"gradcam": 1 / 3, "uncertainty": 1 / 3, "kmeans": 1 / 3}
 
@@ -139,11 +137,8 @@ def build_preservation_set(
     pset.scores = {name: v[positions] for name, v in per_strategy.items()}
     pset.chosen_by = chosen_by
     histogram = Counter(int(t) for t in scores.targets[positions]) if scores.targets.dim() == 1 else {}
-    log.info(
-        "[sgsc] preservation set: %d of %d candidates; classes %s; by strategy %s",
-        size,
-        pool,
-        dict(sorted(histogram.items())),
-        dict(Counter(chosen_by)),
+    classes = f"classes {dict(sorted(histogram.items()))}; " if histogram else ""
+    rank_zero_info(
+        f"[sgsc] preservation set: {size} of {pool} candidates; {classes}by strategy {dict(Counter(chosen_by))}"
     )
     return pset
