@@ -39,7 +39,7 @@ from lightning_sgsc.feedback import (
 from lightning_sgsc.losses import bits_per_weight, l1_term, weighted_sum
 from lightning_sgsc.mixin import SafetyGuidedMixin
 from lightning_sgsc.preservation.build import DEFAULT_FRACTIONS, build_preservation_set, check_fractions
-from lightning_sgsc.preservation.set import PreservationSet
+from lightning_sgsc.preservation.set import PreservationSampler, PreservationSet
 from lightning_sgsc.quant.modules import QuantizedLayer, quantized_layers, quantizer_parameters
 from lightning_sgsc.quant.swap import quantize_
 from lightning_sgsc.size import model_size
@@ -188,7 +188,8 @@ class SafetyGuidedQuantization(Callback):
         self.swapped_layers: list[str] = []
         self._layers: list[QuantizedLayer] = []
         self.preservation_set: PreservationSet | None = None
-        self._preservation_iter: Iterator[Any] | None = None
+        self._preservation_iter: PreservationSampler | None = None
+        self._preservation_draws = 0
         self._preservation_indices: list[int] | None = None
         self._preservation_chosen_by: list[str] = []
         self._warned_no_dataset = False
@@ -218,12 +219,13 @@ class SafetyGuidedQuantization(Callback):
                 f"[sgsc] quantized {len(self.swapped_layers)} layers at {self.quant_config.init_bits:g} bits"
             )
         self._layers = [m for _, m in quantized_layers(pl_module)]
-        self._any_pruned = any(bool(layer.pruned.any()) for layer in self._layers)
         self.feedback_config = dataclasses.replace(self.feedback_config, mode=pl_module.preservation_metric_mode)
         self.policy.config = self.feedback_config
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Pruned masks are buffers: a checkpoint's load after `setup`, so read them here, not in `setup`.
+        self._any_pruned = any(bool(layer.pruned.any()) for layer in self._layers)
         if trainer.optimizers:
             self._own_param_group(trainer, pl_module)
         self._setup_preservation(trainer, pl_module)
@@ -313,7 +315,9 @@ class SafetyGuidedQuantization(Callback):
 
     def _use_set(self, pset: PreservationSet, pl_module: pl.LightningModule) -> None:
         self.preservation_set = pset.to(pl_module.device)
-        self._preservation_iter = self.preservation_set.sampler(self.preservation_batch_size, self.seed)
+        self._preservation_iter = self.preservation_set.sampler(
+            self.preservation_batch_size, self.seed, draws=self._preservation_draws
+        )
         rank_zero_info(f"[sgsc] preservation set: {len(pset)} examples")
 
     def next_preservation_batch(self) -> Any:
@@ -414,6 +418,7 @@ class SafetyGuidedQuantization(Callback):
             "swapped_layers": list(self.swapped_layers),
             "preservation_indices": self._preservation_indices,
             "preservation_chosen_by": list(self._preservation_chosen_by),
+            "preservation_draws": self._preservation_iter.draws if self._preservation_iter is not None else 0,
         }
 
     @override
@@ -422,3 +427,4 @@ class SafetyGuidedQuantization(Callback):
         self.history = [dict(e) for e in state_dict["history"]]
         self._preservation_indices = state_dict.get("preservation_indices")
         self._preservation_chosen_by = list(state_dict.get("preservation_chosen_by", []))
+        self._preservation_draws = int(state_dict.get("preservation_draws", 0))

@@ -89,14 +89,9 @@ class PreservationSet:
         for start in range(0, n, batch_size):
             yield self.batch(torch.arange(start, min(start + batch_size, n)))
 
-    def sampler(self, batch_size: int, seed: int) -> Iterator[Any]:
-        """Endless batches: seeded shuffled passes over the set."""
-        generator = torch.Generator().manual_seed(seed)
-        n = len(self)
-        while True:
-            perm = torch.randperm(n, generator=generator)
-            for start in range(0, n, batch_size):
-                yield self.batch(perm[start : start + batch_size])
+    def sampler(self, batch_size: int, seed: int, draws: int = 0) -> PreservationSampler:
+        """Endless batches: seeded shuffled passes over the set, starting after ``draws`` batches."""
+        return PreservationSampler(self, batch_size, seed, draws)
 
     def to(self, device: torch.device | str) -> PreservationSet:
         """A copy with every tensor on ``device``."""
@@ -138,6 +133,37 @@ class PreservationSet:
         data = _unflatten(json.loads(meta["structure"]), tensors)
         scores = {k[len("score.") :]: v for k, v in tensors.items() if k.startswith("score.")}
         return cls(data, tensors["indices"], scores, json.loads(meta["chosen_by"]))
+
+
+class PreservationSampler:
+    """Seeded shuffled passes over a :class:`PreservationSet`. Its whole state is the number of batches drawn, so a
+    resumed run continues the exact same stream (:attr:`draws` goes into the checkpoint)."""
+
+    def __init__(self, pset: PreservationSet, batch_size: int, seed: int, draws: int = 0) -> None:
+        self.pset = pset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.draws = 0
+        self._generator = torch.Generator().manual_seed(seed)
+        self._perm = torch.empty(0, dtype=torch.long)
+        self._start = 0
+        for _ in range(draws):  # replay the index stream only, no data is gathered
+            self._next_indices()
+
+    def _next_indices(self) -> Tensor:
+        if self._start >= self._perm.numel():
+            self._perm = torch.randperm(len(self.pset), generator=self._generator)
+            self._start = 0
+        idx = self._perm[self._start : self._start + self.batch_size]
+        self._start += self.batch_size
+        self.draws += 1
+        return idx
+
+    def __iter__(self) -> PreservationSampler:
+        return self
+
+    def __next__(self) -> Any:
+        return self.pset.batch(self._next_indices())
 
 
 def _concat(batches: list[Any]) -> Any:
