@@ -299,7 +299,21 @@ class SafetyGuidedQuantization(Callback):
         dataset = self._training_dataset(trainer)
         if dataset is None:
             return
-        pset = build_preservation_set(
+        if trainer.world_size > 1:  # rank 0 scores, every rank uses the same examples
+            chosen = self._score_set(trainer, pl_module, dataset) if trainer.is_global_zero else None
+            indices, chosen_by = trainer.strategy.broadcast(
+                (chosen.indices.tolist(), chosen.chosen_by) if chosen is not None else None, src=0
+            )
+            pset = chosen if chosen is not None else PreservationSet.from_data(dataset, indices)
+            pset.chosen_by = list(chosen_by)
+        else:
+            pset = self._score_set(trainer, pl_module, dataset)
+        self._preservation_indices = pset.indices.tolist()
+        self._preservation_chosen_by = list(pset.chosen_by)
+        self._use_set(pset, pl_module)
+
+    def _score_set(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: Any) -> PreservationSet:
+        return build_preservation_set(
             pl_module,
             dataset,
             size=min(self.preservation_size, len(dataset), self.preservation_pool or len(dataset)),
@@ -309,9 +323,6 @@ class SafetyGuidedQuantization(Callback):
             pool_size=self.preservation_pool,
             progress=trainer.progress_bar_callback is not None,
         )
-        self._preservation_indices = pset.indices.tolist()
-        self._preservation_chosen_by = list(pset.chosen_by)
-        self._use_set(pset, pl_module)
 
     def _use_set(self, pset: PreservationSet, pl_module: pl.LightningModule) -> None:
         self.preservation_set = pset.to(pl_module.device)
@@ -368,6 +379,9 @@ class SafetyGuidedQuantization(Callback):
             pl_module.eval()
             with torch.inference_mode(False), torch.no_grad():
                 metric = pl_module.preservation_evaluate(self._evaluation_batches())  # type: ignore[operator]
+            # Every rank holds the same set and weights; rank 0's measurement and choices are nevertheless what
+            # all ranks act on, so a difference in the last bit can never split their models.
+            metric = float(trainer.strategy.broadcast(metric, src=0))
             decision = self.policy.decide(metric)
             if decision.action is Action.SKIP:
                 rank_zero_warn(f"[sgsc] preservation metric is {metric}; skipping restore/prune this time.")
@@ -375,7 +389,7 @@ class SafetyGuidedQuantization(Callback):
                 pl_module,
                 decision,
                 self.feedback_config,
-                restore_scores=lambda: self._restore_scores(pl_module),
+                restore_scores=lambda: trainer.strategy.broadcast(self._restore_scores(pl_module), src=0),
                 optimizers=list(trainer.optimizers),
             )
             pl_module.train(was_training)

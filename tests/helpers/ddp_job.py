@@ -1,0 +1,41 @@
+"""Run by tests/reliability/test_ddp.py: two CPU processes (gloo) train with the callback; each rank saves its state."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from lightning_sgsc import SafetyGuidedQuantization
+from tests.helpers.models import TinyClassifier, cpu_trainer
+
+
+class SkewedRanks(TinyClassifier):
+    """Rank 1 measures its preservation set 0.3 lower: left alone, rank 1 would restore while rank 0 prunes."""
+
+    def preservation_evaluate(self, batches):
+        return super().preservation_evaluate(batches) - 0.3 * self.global_rank
+
+
+def main(out: Path) -> None:
+    torch.manual_seed(0)
+    model = SkewedRanks(lr=0.05)
+    callback = SafetyGuidedQuantization(
+        init_bits=2, bit_weight=2.0, quantizer_lr=0.3, preservation_size=24, preservation_batch_size=8,
+        preservation_warmup_epochs=1, threshold=0.0, restore_fraction=0.5,
+    )
+    trainer = cpu_trainer(
+        out, [callback], max_epochs=4, limit_train_batches=3, limit_val_batches=2, strategy="ddp", devices=2
+    )
+    trainer.fit(model)
+    torch.save(
+        {
+            "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "history": callback.history,
+            "indices": callback.preservation_set.indices.tolist(),
+        },
+        out / f"rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
