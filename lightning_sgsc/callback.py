@@ -79,6 +79,7 @@ class SafetyGuidedQuantization(Callback):
         prune: make zero-bit channels permanent when the metric held.
         reference: ``"best"`` or ``"first"``: what the preservation metric is compared with.
         seed: seed of every random choice the callback makes.
+        max_history: feedback events kept in :attr:`history` (and the checkpoint); the oldest go first.
 
     Example::
 
@@ -110,6 +111,7 @@ class SafetyGuidedQuantization(Callback):
         prune: bool = True,
         reference: str = "best",
         seed: int = 0,
+        max_history: int = 1000,
     ) -> None:
         super().__init__()
         self.quant_config = QuantizationConfig(init_bits=init_bits, include=include, exclude=exclude)
@@ -183,6 +185,9 @@ class SafetyGuidedQuantization(Callback):
         self.preservation_size = preservation_size
         self.preservation_batch_size = preservation_batch_size
         self.seed = seed
+        if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
+            raise SGSCValueError(describe_rule("max_history", "an integer >= 1", max_history))
+        self.max_history = max_history
         self.policy = FeedbackPolicy(self.feedback_config)
         self.history: list[dict[str, Any]] = []
         self.swapped_layers: list[str] = []
@@ -325,7 +330,20 @@ class SafetyGuidedQuantization(Callback):
         )
 
     def _use_set(self, pset: PreservationSet, pl_module: pl.LightningModule) -> None:
-        self.preservation_set = pset.to(pl_module.device)
+        pset = pset.to(pl_module.device)
+        was_training = pl_module.training
+        try:
+            with torch.no_grad():
+                pl_module.eval()
+                pl_module.preservation_step(pset.batch(torch.arange(min(2, len(pset)))))  # type: ignore[operator]
+        except Exception as err:
+            raise SGSCValueError(
+                describe_rule("preservation_data", "examples the model's preservation_step accepts", type(pset.data))
+                + f" Its first batch failed with {type(err).__name__}: {err}"
+            ) from err
+        finally:
+            pl_module.train(was_training)
+        self.preservation_set = pset
         self._preservation_iter = self.preservation_set.sampler(
             self.preservation_batch_size, self.seed, draws=self._preservation_draws
         )
@@ -369,7 +387,10 @@ class SafetyGuidedQuantization(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.enable_validation and self._feedback_epoch != trainer.current_epoch:
+        # Validation (when there is one) ran before this hook; without a validation loop, or with one that has no
+        # batches, the feedback runs here instead, once per epoch.
+        no_validation = not trainer.enable_validation or sum(trainer.num_val_batches) == 0
+        if no_validation and self._feedback_epoch != trainer.current_epoch:
             self._feedback(trainer, pl_module)
 
     def _feedback(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -396,6 +417,7 @@ class SafetyGuidedQuantization(Callback):
             self._any_pruned = any(bool(layer.pruned.any()) for layer in self._layers)
             event = Event(**{**event.as_dict(), "epoch": trainer.current_epoch, "step": trainer.global_step})
             self.history.append(event.as_dict())
+            del self.history[: max(0, len(self.history) - self.max_history)]
             pl_module.log("sgsc/preservation_metric", metric)
             pl_module.log("sgsc/restored_channels", float(event.restored))
             pl_module.log("sgsc/pruned_channels", float(event.pruned))

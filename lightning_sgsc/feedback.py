@@ -121,6 +121,7 @@ def select_top(scores: dict[str, Tensor], candidates: Masks, fraction: float) ->
     if not names:
         return {n: torch.zeros_like(m) for n, m in candidates.items()}
     flat_scores = torch.cat([scores[n].detach().float().flatten()[candidates[n]] for n in names])
+    flat_scores = torch.nan_to_num(flat_scores, nan=-math.inf)  # a NaN score never wins a restore
     k = min(math.ceil(fraction * flat_scores.numel()), flat_scores.numel())
     chosen = torch.zeros(flat_scores.numel(), dtype=torch.bool)
     chosen[torch.topk(flat_scores.cpu(), k).indices] = True

@@ -20,8 +20,14 @@ def main(out: Path) -> None:
     torch.manual_seed(0)
     model = SkewedRanks(lr=0.05)
     callback = SafetyGuidedQuantization(
-        init_bits=2, bit_weight=2.0, quantizer_lr=0.3, preservation_size=24, preservation_batch_size=8,
-        preservation_warmup_epochs=1, threshold=0.0, restore_fraction=0.5,
+        init_bits=2,
+        bit_weight=2.0,
+        quantizer_lr=0.3,
+        preservation_size=24,
+        preservation_batch_size=8,
+        preservation_warmup_epochs=1,
+        threshold=0.0,
+        restore_fraction=0.5,
     )
     trainer = cpu_trainer(
         out, [callback], max_epochs=4, limit_train_batches=3, limit_val_batches=2, strategy="ddp", devices=2

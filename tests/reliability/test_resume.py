@@ -16,8 +16,14 @@ class InOrder(TinyClassifier):
 
 def _callback() -> SafetyGuidedQuantization:
     return SafetyGuidedQuantization(
-        init_bits=2, bit_weight=2.0, quantizer_lr=0.3, preservation_size=24, preservation_batch_size=8,
-        preservation_warmup_epochs=1, threshold=0.0, restore_fraction=0.5,
+        init_bits=2,
+        bit_weight=2.0,
+        quantizer_lr=0.3,
+        preservation_size=24,
+        preservation_batch_size=8,
+        preservation_warmup_epochs=1,
+        threshold=0.0,
+        restore_fraction=0.5,
     )
 
 
