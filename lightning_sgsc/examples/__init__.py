@@ -1,6 +1,22 @@
 """Example models and datamodules used by the demo, the Hydra app, the CLI and the experiments."""
 
-from lightning_sgsc.examples.data import DigitsDataModule
-from lightning_sgsc.examples.models import ClassifierModule, DigitsCNN, FashionCNN
+from lightning_sgsc.examples.data import DigitsDataModule, IDXImageDataModule, MNIST10kDataModule, NamesDataModule
+from lightning_sgsc.examples.models import (
+    CharTransformer,
+    ClassifierModule,
+    DigitsCNN,
+    FashionCNN,
+    LanguageModule,
+)
 
-__all__ = ["ClassifierModule", "DigitsCNN", "DigitsDataModule", "FashionCNN"]
+__all__ = [
+    "CharTransformer",
+    "ClassifierModule",
+    "DigitsCNN",
+    "DigitsDataModule",
+    "FashionCNN",
+    "IDXImageDataModule",
+    "LanguageModule",
+    "MNIST10kDataModule",
+    "NamesDataModule",
+]

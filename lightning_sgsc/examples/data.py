@@ -85,3 +85,151 @@ def load_idx_images(root: str | Path, split: str = "train") -> tuple[torch.Tenso
         return None
     x = read_idx(images).float().div_(255.0).unsqueeze(1)
     return x, read_idx(labels).long()
+
+
+class IDXImageDataModule(pl.LightningDataModule):
+    """MNIST-format images (IDX ``.gz``) from a folder: train/validation split from the training files by seed,
+    test from the ``t10k`` files. Offline: nothing is downloaded unless ``download=True`` (torchvision).
+
+    Args:
+        root: folder with ``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``.
+        batch_size: batch size of the training loader.
+        val_fraction: share of the training files held out for validation.
+        seed: seed of the split and the shuffling.
+        train_limit: use only the first ``train_limit`` training images (None: all).
+        download: fetch Fashion-MNIST with torchvision into ``root`` when absent (online users only).
+    """
+
+    def __init__(
+        self,
+        root: str = str(FASHION_MNIST_DIR),
+        batch_size: int = 64,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        train_limit: int | None = None,
+        download: bool = False,
+    ) -> None:
+        super().__init__()
+        self.root, self.batch_size, self.val_fraction, self.seed = Path(root), batch_size, val_fraction, seed
+        self.train_limit, self.download = train_limit, download
+
+    def prepare_data(self) -> None:
+        if self.download and load_idx_images(self.root, "train") is None:
+            from torchvision.datasets import FashionMNIST
+
+            FashionMNIST(str(self.root), train=True, download=True)
+            FashionMNIST(str(self.root), train=False, download=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        train, test = load_idx_images(self.root, "train"), load_idx_images(self.root, "test")
+        if train is None or test is None:
+            raise FileNotFoundError(
+                f"`root` must hold the IDX files, got {str(self.root)!r}. Install Fashion-MNIST with "
+                "`apt-get install -y dataset-fashion-mnist`, or pass download=True when online."
+            )
+        x, y = train
+        if self.train_limit is not None:
+            x, y = x[: self.train_limit], y[: self.train_limit]
+        tr, va, _ = split_indices(len(y), (self.val_fraction, 0.0), self.seed)
+        self.train_set, self.val_set = TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va])
+        self.test_set = TensorDataset(*test)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=512)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=512)
+
+
+class MNIST10kDataModule(DigitsDataModule):
+    """The official MNIST test split (10,000 images), split into train/validation/test by a fixed seed.
+
+    Args:
+        root: folder with ``t10k-images-idx3-ubyte.gz`` and ``t10k-labels-idx1-ubyte.gz``.
+        batch_size, val_fraction, test_fraction, seed: as :class:`DigitsDataModule`.
+    """
+
+    def __init__(
+        self,
+        root: str = "../shared/data/mnist",
+        batch_size: int = 64,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size, val_fraction, test_fraction, seed)
+        self.root = Path(root)
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        loaded = load_idx_images(self.root, "test")
+        if loaded is None:
+            raise FileNotFoundError(f"`root` must hold the MNIST t10k IDX files, got {str(self.root)!r}.")
+        x, y = loaded
+        train, val, test = split_indices(len(y), self.fractions, self.seed)
+        self.train_set = TensorDataset(x[train], y[train])
+        self.val_set = TensorDataset(x[val], y[val])
+        self.test_set = TensorDataset(x[test], y[test])
+
+
+class NamesDataModule(pl.LightningDataModule):
+    """Character-level names (makemore's ``names.txt``): each name becomes ``block_size`` inputs and next-character
+    targets (end token 0, padding ignored with -1); names split train/validation/test by seed.
+
+    Args:
+        path: the text file, one name per line.
+        block_size: context length.
+        batch_size: batch size.
+        val_fraction, test_fraction: held-out shares of the names.
+        seed: seed of the split and the shuffling.
+    """
+
+    def __init__(
+        self,
+        path: str = "../shared/data/names.txt",
+        block_size: int = 32,
+        batch_size: int = 16,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.path, self.block_size, self.batch_size, self.seed = Path(path), block_size, batch_size, seed
+        self.fractions = (val_fraction, test_fraction)
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        if not self.path.exists():
+            raise FileNotFoundError(f"`path` must be a text file of names, got {str(self.path)!r}.")
+        words = [w.strip() for w in self.path.read_text().splitlines() if w.strip()]
+        chars = sorted(set("".join(words)))
+        self.stoi = {c: i + 1 for i, c in enumerate(chars)}
+        self.vocab_size = len(chars) + 1
+        x = torch.zeros(len(words), self.block_size, dtype=torch.long)
+        y = torch.full((len(words), self.block_size), -1, dtype=torch.long)
+        for i, w in enumerate(words):
+            ids = [self.stoi[c] for c in w[: self.block_size - 1]]
+            x[i, 1 : 1 + len(ids)] = torch.tensor(ids, dtype=torch.long)
+            y[i, : len(ids) + 1] = torch.tensor([*ids, 0], dtype=torch.long)
+        train, val, test = split_indices(len(words), self.fractions, self.seed)
+        self.train_set = TensorDataset(x[train], y[train])
+        self.val_set = TensorDataset(x[val], y[val])
+        self.test_set = TensorDataset(x[test], y[test])
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=512)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=512)

@@ -89,3 +89,97 @@ class ClassifierModule(SafetyGuidedMixin, pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+class CharTransformer(nn.Module):
+    """A GPT-style character transformer (makemore's): ``n_layer`` blocks of causal self-attention and MLP.
+
+    Args:
+        vocab_size: characters (including the end token).
+        block_size: context length.
+        n_embd: embedding width.
+        n_head: attention heads.
+        n_layer: transformer blocks.
+    """
+
+    def __init__(self, vocab_size: int = 27, block_size: int = 32, n_embd: int = 64, n_head: int = 4, n_layer: int = 4):
+        super().__init__()
+        self.block_size = block_size
+        self.tok = nn.Embedding(vocab_size, n_embd)
+        self.pos = nn.Embedding(block_size, n_embd)
+        self.blocks = nn.ModuleList(_Block(n_embd, n_head, block_size) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, vocab_size)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        t = idx.shape[1]
+        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+class _Block(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, block_size: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.ln1 = nn.LayerNorm(n_embd)
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.ln2 = nn.LayerNorm(n_embd)
+        self.fc = nn.Linear(n_embd, 4 * n_embd)
+        self.out = nn.Linear(4 * n_embd, n_embd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=-1)
+        q, k, v = (z.view(b, t, self.n_head, -1).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class LanguageModule(SafetyGuidedMixin, pl.LightningModule):
+    """Next-character language model around :class:`CharTransformer`; the preservation metric is the loss.
+
+    Args:
+        net: the transformer.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+    """
+
+    preservation_metric_mode = "min"
+
+    def __init__(self, net: nn.Module, lr: float = 1e-3, weight_decay: float = 0.01) -> None:
+        super().__init__()
+        self.net = net
+        self.lr = lr
+        self.weight_decay = weight_decay
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.net(idx)
+
+    def _loss(self, batch: Any) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x).transpose(1, 2), y, ignore_index=-1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val/loss", self._loss(batch), prog_bar=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("test/loss", self._loss(batch))
+
+    def preservation_step(self, batch: Any) -> Tensor:
+        return self._loss(batch)
+
+    def preservation_evaluate(self, batches: Any) -> float:
+        losses = [self._loss(batch) for batch in batches]
+        return float(torch.stack(losses).mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

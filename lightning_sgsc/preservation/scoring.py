@@ -307,7 +307,9 @@ def score_pool(
                 with torch.enable_grad():
                     logits = model(x)
                     _check_logits(logits, 3, "token logits of shape (batch, time, vocab)")
-                    per_seq = F.cross_entropy(logits.transpose(1, 2).float(), y, reduction="none").mean(1)
+                    per_token = F.cross_entropy(logits.transpose(1, 2).float(), y, reduction="none", ignore_index=-1)
+                    valid = (y != -1).float()  # -1 marks padding
+                    per_seq = (per_token * valid).sum(1) / valid.sum(1).clamp_min(1.0)
                     if leaves:
                         per_seq.sum().backward()
                         e = leaves[0]

@@ -1,0 +1,102 @@
+"""Every Hydra config composes; bad overrides fail before training; one fast_dev_run per experiment."""
+
+import re
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from lightning_sgsc.train import CONF_DIR, train
+from tests.helpers.data import write_mnist_like, write_names
+
+GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in Path(CONF_DIR).iterdir() if g.is_dir()}
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_config_group_option_composes(group, option, tmp_path):
+    cfg = _compose([f"{group}={option}", f"results_dir={tmp_path}"])
+    assert OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_groups_are_all_there():
+    assert {"model", "data", "sgsc", "preservation", "trainer", "experiment", "sweep"} <= set(GROUPS)
+    assert {"digits", "fashion_mnist", "mnist10k", "names"} <= set(GROUPS["data"])
+    assert {"digits_cnn", "fashion_cnn", "char_transformer"} <= set(GROUPS["model"])
+
+
+def test_sweeps_are_multirun_over_the_documented_axes():
+    cfg = _compose(["sweep=fashion_hparams", "results_dir=/tmp/x"])
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        hydra_cfg = compose("train", overrides=["sweep=fashion_hparams"], return_hydra_config=True).hydra
+    assert str(hydra_cfg.mode) in ("MULTIRUN", "RunMode.MULTIRUN")
+    assert set(hydra_cfg.sweeper.params) == {"data.batch_size", "model.lr", "sgsc.init_bits"}
+    assert hydra_cfg.sweeper.params["sgsc.init_bits"] == "2,4,8,16"
+    assert "joblib" in hydra_cfg.launcher._target_.lower()
+    assert cfg.trainer.max_steps == 2000
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("sgsc.init_bits=abc", r"could not be converted to Float"),
+        ("sgsc.bogus=1", r"Key 'bogus' not in 'SGSCSchema'"),
+        ("sgsc.prune=maybe", r"is not a valid bool"),
+        ("model=resnet", r"Could not find 'model/resnet'"),
+    ],
+)
+def test_bad_overrides_fail_before_training(override, match):
+    with pytest.raises(ConfigCompositionException) as info:
+        _compose([override])
+    message = f"{info.value} {info.value.__cause__}"  # Hydra puts the reason in the cause
+    assert re.search(match, message), message
+
+
+def _fast(tmp_path, experiment, extra=()):
+    cfg = _compose(
+        [f"experiment={experiment}", f"results_dir={tmp_path / 'results'}", "trainer.fast_dev_run=true", *extra]
+    )
+    return train(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["default", "unsafe", "float"])
+def test_fashion_cnn_experiment_runs(tmp_path, variant):
+    root = write_mnist_like(tmp_path / "fashion")
+    result = _fast(
+        tmp_path,
+        "fashion_cnn",
+        [f"data.root={root}", f"sgsc={variant}", "sgsc.preservation_warmup_epochs=0", "sgsc.preservation_size=16"],
+    )
+    assert result["variant"] == {"default": "safe"}.get(variant, variant)
+    assert result["file_bytes"] > 0 and 0.0 <= result["test_metric"] <= 1.0
+    assert (tmp_path / "results" / f"{result['run']}.json").exists()
+
+
+@pytest.mark.slow
+def test_names_transformer_experiment_runs(tmp_path):
+    path = write_names(tmp_path / "names.txt")
+    result = _fast(
+        tmp_path,
+        "names_transformer",
+        [
+            f"data.path={path}",
+            "sgsc.preservation_warmup_epochs=0",
+            "sgsc.preservation_size=16",
+            "sgsc.preservation_pool=64",
+        ],
+    )
+    assert result["test_metric_name"] == "test/loss" and result["file_bytes"] < result["float32_bytes"]
+
+
+@pytest.mark.slow
+def test_mnist10k_and_digits_experiments_run(tmp_path):
+    root = write_mnist_like(tmp_path / "mnist", n_test=300)
+    assert _fast(tmp_path, "mnist10k", [f"data.root={root}", "sgsc.preservation_warmup_epochs=0"])["file_bytes"] > 0
+    assert _fast(tmp_path, "digits", ["sgsc.preservation_warmup_epochs=0"])["test_metric_name"] == "test/acc"
