@@ -65,9 +65,8 @@ def table(runs: list[dict[str, Any]]) -> str:
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             mean_bytes = statistics.mean(r["file_bytes"] for r in g)
             mean_bits = statistics.mean(r["bits_per_weight"] for r in g)
-            lines.append(
-                f"| {variant} | {len(g)} | {statistics.mean(values):.4f} ± {std:.4f} | {mean_bytes:,.0f} | {mean_bits:.2f} |"
-            )
+            mean_metric = statistics.mean(values)
+            lines.append(f"| {variant} | {len(g)} | {mean_metric:.4f} ± {std:.4f} | {mean_bytes:,.0f} | {mean_bits:.2f} |")
     return "\n".join(lines) + "\n"
 
 
