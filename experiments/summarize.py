@@ -66,7 +66,9 @@ def table(runs: list[dict[str, Any]]) -> str:
             mean_bytes = statistics.mean(r["file_bytes"] for r in g)
             mean_bits = statistics.mean(r["bits_per_weight"] for r in g)
             mean_metric = statistics.mean(values)
-            lines.append(f"| {variant} | {len(g)} | {mean_metric:.4f} ± {std:.4f} | {mean_bytes:,.0f} | {mean_bits:.2f} |")
+            lines.append(
+                f"| {variant} | {len(g)} | {mean_metric:.4f} ± {std:.4f} | {mean_bytes:,.0f} | {mean_bits:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
