@@ -72,6 +72,8 @@ class SafetyGuidedQuantization(Callback):
         preservation_pool: candidates scored (a seeded random subset of the training data); ``None``: all.
         balance_classes: cap each class at ``ceil(preservation_size / classes)`` examples of the set.
         preservation_batch_size: batch size of preservation batches.
+        preservation_every_n_steps: add the preservation loss on every n-th training step only (its forward and
+            backward are most of the callback's cost per step); its weight is not scaled up on those steps.
         threshold: largest allowed drop of the preservation metric before channels are restored.
         restore_fraction: fraction of zero-bit channels restored when the metric dropped, (0, 1].
         restore_bits: bit depth of a restored channel.
@@ -99,6 +101,7 @@ class SafetyGuidedQuantization(Callback):
         preservation_data: PreservationData | None = None,
         preservation_size: int = 256,
         preservation_batch_size: int = 64,
+        preservation_every_n_steps: int = 1,
         preservation_source: Dataset | DataLoader | None = None,
         preservation_fractions: dict[str, float] | None = None,
         preservation_warmup_epochs: int = 1,
@@ -184,6 +187,13 @@ class SafetyGuidedQuantization(Callback):
         self.preservation_data = preservation_data
         self.preservation_size = preservation_size
         self.preservation_batch_size = preservation_batch_size
+        if isinstance(preservation_every_n_steps, bool) or not isinstance(preservation_every_n_steps, int) or (
+            preservation_every_n_steps < 1
+        ):
+            raise SGSCValueError(
+                describe_rule("preservation_every_n_steps", "an integer >= 1", preservation_every_n_steps)
+            )
+        self.preservation_every_n_steps = preservation_every_n_steps
         self.seed = seed
         if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
             raise SGSCValueError(describe_rule("max_history", "an integer >= 1", max_history))
@@ -363,7 +373,8 @@ class SafetyGuidedQuantization(Callback):
         terms: dict[str, Tensor] = {"bits": bits_per_weight(self._layers)}
         if weights["l1"]:
             terms["l1"] = l1_term(self._layers)
-        if weights["preservation"] and self.preservation_set is not None:
+        due = pl_module.global_step % self.preservation_every_n_steps == 0  # type: ignore[attr-defined]
+        if weights["preservation"] and self.preservation_set is not None and due:
             batch = self.next_preservation_batch()
             terms["preservation"] = pl_module.preservation_step(batch)
         else:

@@ -42,6 +42,7 @@ class SGSCSchema:
     quantizer_lr: float = 0.01
     preservation_size: int = 256
     preservation_batch_size: int = 64
+    preservation_every_n_steps: int = 1
     preservation_fractions: dict[str, float] = field(
         default_factory=lambda: {"gradcam": 1 / 3, "uncertainty": 1 / 3, "kmeans": 1 / 3}
     )

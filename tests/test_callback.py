@@ -259,3 +259,17 @@ def test_the_set_is_scored_from_a_named_source_after_warm_up(tmp_path):
     assert [e["epoch"] for e in cb.history] == [1]  # no set, no feedback during the warm-up epoch
     x, _ = cb.preservation_set.data
     assert torch.equal(x, source.tensors[0][cb.preservation_set.indices])
+
+
+def test_preservation_every_n_steps(tmp_path):
+    calls = []
+
+    class Counting(TinyClassifier):
+        def preservation_step(self, batch):
+            calls.append(self.global_step)
+            return super().preservation_step(batch)
+
+    cb = SafetyGuidedQuantization(preservation_warmup_epochs=0, preservation_every_n_steps=2, prune=False)
+    cpu_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=6, limit_val_batches=0).fit(Counting())
+    training_calls = [s for s in calls if s is not None]
+    assert training_calls[1:4] == [0, 2, 4]  # the first call is the set's shape check at set-up

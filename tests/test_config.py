@@ -46,6 +46,11 @@ BAD = [
     ({"reference": "last"}, SGSCValueError, r"`reference` must be one of 'best', 'first', got 'last'\."),
     ({"include": "net.*"}, SGSCTypeError, r"`include` must be a list of fnmatch patterns"),
     ({"init_bits": float("nan")}, SGSCValueError, r"`init_bits` must be a finite number, got nan\."),
+    (
+        {"preservation_every_n_steps": 0},
+        SGSCValueError,
+        r"`preservation_every_n_steps` must be an integer >= 1, got 0\.",
+    ),
 ]
 
 
