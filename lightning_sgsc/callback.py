@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_sgsc.config import FeedbackConfig, LossWeights, QuantizationConfig, Schedule
+from lightning_sgsc.config import FeedbackConfig, LossWeights, QuantizationConfig, Schedule, check_int
 from lightning_sgsc.errors import SGSCTypeError, SGSCValueError, describe_rule
 from lightning_sgsc.feedback import (
     Action,
@@ -139,32 +139,15 @@ class SafetyGuidedQuantization(Callback):
                     type(preservation_data),
                 )
             )
-        for arg, value in (
-            ("preservation_size", preservation_size),
-            ("preservation_batch_size", preservation_batch_size),
-        ):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int)
-                or value < (0 if arg == "preservation_size" else 1)
-            ):
-                rule = "an integer >= 0" if arg == "preservation_size" else "an integer >= 1"
-                raise SGSCValueError(describe_rule(arg, rule, value))
+        check_int("preservation_size", preservation_size, 0)
+        check_int("preservation_batch_size", preservation_batch_size, 1)
+        check_int("preservation_warmup_epochs", preservation_warmup_epochs, 0)
+        check_int("preservation_pool", preservation_pool, 1, allow_none=True)
+        check_int("preservation_every_n_steps", preservation_every_n_steps, 1)
+        check_int("max_history", max_history, 1)
         self.preservation_fractions = check_fractions(
             DEFAULT_FRACTIONS if preservation_fractions is None else preservation_fractions
         )
-        if (
-            isinstance(preservation_warmup_epochs, bool)
-            or not isinstance(preservation_warmup_epochs, int)
-            or (preservation_warmup_epochs < 0)
-        ):
-            raise SGSCValueError(
-                describe_rule("preservation_warmup_epochs", "an integer >= 0", preservation_warmup_epochs)
-            )
-        if preservation_pool is not None and (
-            isinstance(preservation_pool, bool) or not isinstance(preservation_pool, int) or preservation_pool < 1
-        ):
-            raise SGSCValueError(describe_rule("preservation_pool", "an integer >= 1 or None", preservation_pool))
         if preservation_source is not None and not isinstance(preservation_source, (Dataset, DataLoader)):
             raise SGSCTypeError(
                 describe_rule(
@@ -187,16 +170,8 @@ class SafetyGuidedQuantization(Callback):
         self.preservation_data = preservation_data
         self.preservation_size = preservation_size
         self.preservation_batch_size = preservation_batch_size
-        if isinstance(preservation_every_n_steps, bool) or not isinstance(preservation_every_n_steps, int) or (
-            preservation_every_n_steps < 1
-        ):
-            raise SGSCValueError(
-                describe_rule("preservation_every_n_steps", "an integer >= 1", preservation_every_n_steps)
-            )
         self.preservation_every_n_steps = preservation_every_n_steps
         self.seed = seed
-        if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
-            raise SGSCValueError(describe_rule("max_history", "an integer >= 1", max_history))
         self.max_history = max_history
         self.policy = FeedbackPolicy(self.feedback_config)
         self.history: list[dict[str, Any]] = []

@@ -47,6 +47,16 @@ def _number(arg: str, value: object, lo: float, hi: float = math.inf, lo_open: b
     return v
 
 
+def check_int(arg: str, value: object, lo: int, allow_none: bool = False) -> int | None:
+    """``value`` as an int >= ``lo`` (or None when allowed); otherwise the package's error naming ``arg``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        rule = f"an integer >= {lo}" + (" or None" if allow_none else "")
+        raise SGSCValueError(describe_rule(arg, rule, value))
+    return value
+
+
 def resolve_schedule(arg: str, value: Schedule, epoch: int, lo: float, hi: float = math.inf) -> float:
     """Evaluates a constant-or-callable argument at ``epoch`` and checks the result lies in ``[lo, hi]``."""
     v = value(epoch) if callable(value) else value
@@ -131,7 +141,6 @@ class FeedbackConfig:
         _number("threshold", self.threshold, 0.0)
         _number("restore_fraction", self.restore_fraction, 0.0, 1.0, lo_open=True)
         _number("restore_bits", self.restore_bits, 1.0, 16.0)
-        if isinstance(self.min_channels, bool) or not isinstance(self.min_channels, int) or self.min_channels < 0:
-            raise SGSCValueError(describe_rule("min_channels", "an integer >= 0", self.min_channels))
+        check_int("min_channels", self.min_channels, 0)
         self.mode = _enum("mode", MetricMode, self.mode)  # type: ignore[assignment]
         self.reference = _enum("reference", ReferencePolicy, self.reference)  # type: ignore[assignment]
