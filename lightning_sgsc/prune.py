@@ -3,7 +3,8 @@
 A channel computes exactly zero when its weights and its bias are all zero (what the callback's pruning leaves, and
 what an exported zero-bit channel reloads as). Removing it, and the matching inputs of the layers that read it, leaves
 the model's function unchanged up to floating-point summation order, as long as everything in between maps 0 to 0
-(ReLU, GELU, pooling, flatten, reshapes).
+(ReLU, GELU, pooling, flatten, reshapes). Whole attention heads whose value rows are zero go first
+(:func:`prune_attention_heads`).
 
 The dependency graph comes from Torch-Pruning (``torch-pruning`` on PyPI; it follows Conv → activation/pool → Conv,
 Conv → flatten → Linear, Linear → Linear and the q/k/v splits of attention). A group is removed only if every layer
@@ -33,6 +34,7 @@ class PruneReport:
     """What :func:`prune_zero_channels` removed."""
 
     removed: dict[str, int] = field(default_factory=dict)
+    heads_removed: dict[str, int] = field(default_factory=dict)
     kept_zero: dict[str, int] = field(default_factory=dict)
     params_before: int = 0
     params_after: int = 0
@@ -99,6 +101,7 @@ def prune_zero_channels(model: nn.Module, example_inputs: Any, atol: float = 1e-
         reference = model(example_inputs)
     report = PruneReport()
     report.macs_before, report.params_before = _count(model, example_inputs)
+    report.heads_removed = prune_attention_heads(model)
     keep_outputs = {n for n, m in model.named_modules() if m in _output_layers(model, example_inputs)}
     candidates = [n for n, m in model.named_modules() if isinstance(m, _PRUNABLE) and bool(_zero_rows(m).any())]
     current = model
@@ -155,6 +158,46 @@ def _matches(model: nn.Module, example_inputs: Any, reference: Tensor, atol: flo
     except RuntimeError:  # e.g. a reshape that no longer fits
         return False
     return out.shape == reference.shape and float((out - reference).abs().max()) <= atol
+
+
+@torch.no_grad()
+def prune_attention_heads(model: nn.Module) -> dict[str, int]:
+    """Removes attention heads whose value rows are all zero (weights and bias), in place.
+
+    Such a head outputs exactly zero whatever its queries and keys, so its q, k and v rows and the matching input
+    columns of the output projection go. Works on modules that follow this protocol (the example
+    ``CharTransformer`` blocks do): ``qkv``, an ``nn.Linear`` producing ``[q | k | v]`` of ``n_head`` heads each;
+    ``proj``, an ``nn.Linear`` reading the concatenated heads; ``n_head``, an int; and a forward pass that derives
+    the per-head width from ``qkv.out_features // 3 // n_head``. At least one head is kept.
+
+    Returns:
+        Heads removed per module name.
+    """
+    removed: dict[str, int] = {}
+    for name, module in model.named_modules():
+        qkv, proj, n_head = getattr(module, "qkv", None), getattr(module, "proj", None), getattr(module, "n_head", None)
+        if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(n_head, int)):
+            continue
+        inner = qkv.out_features // 3
+        head_dim = inner // n_head
+        v_zero = _zero_rows(qkv)[2 * inner :].reshape(n_head, head_dim).all(dim=1)
+        dead = v_zero.nonzero().flatten().tolist()[: n_head - 1]
+        if not dead:
+            continue
+        keep_heads = [h for h in range(n_head) if h not in dead]
+        cols = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in keep_heads])
+        rows = torch.cat([cols, cols + inner, cols + 2 * inner])
+        new_qkv = nn.Linear(qkv.in_features, rows.numel(), bias=qkv.bias is not None).to(qkv.weight)
+        new_qkv.weight.copy_(qkv.weight[rows])
+        if qkv.bias is not None:
+            new_qkv.bias.copy_(qkv.bias[rows])
+        new_proj = nn.Linear(cols.numel(), proj.out_features, bias=proj.bias is not None).to(proj.weight)
+        new_proj.weight.copy_(proj.weight[:, cols])
+        if proj.bias is not None:
+            new_proj.bias.copy_(proj.bias)
+        module.qkv, module.proj, module.n_head = new_qkv, new_proj, len(keep_heads)
+        removed[name] = len(dead)
+    return removed
 
 
 def _group_is_exact(group: Any) -> bool:

@@ -98,3 +98,22 @@ def test_zero_qkv_rows_under_a_custom_head_reshape_stay_instead_of_breaking_the_
     assert report.removed == {"mlp.0": 1} and report.kept_zero["qkv"] == 3
     assert model.qkv.out_features == 48
     assert_close(model(x), expected, atol=1e-5, rtol=0)
+
+
+def test_attention_heads_with_zero_values_are_removed_whole():
+    from lightning_sgsc.examples import CharTransformer
+
+    torch.manual_seed(0)
+    model = CharTransformer(vocab_size=11, block_size=8, n_embd=16, n_head=4, n_layer=2).eval()
+    block = model.blocks[0]
+    _zero(block.qkv, list(range(32 + 4, 32 + 8)))  # the value rows of head 1 (head_dim 4, v starts at 2 * 16)
+    _zero(block.qkv, list(range(32 + 12, 32 + 16)))  # and of head 3
+    _zero(block.qkv, [0, 1])  # a couple of query rows of head 0: not a dead head, stays
+    x = torch.randint(0, 11, (3, 8))
+    expected = model(x)
+    report = prune_zero_channels(model, x)
+    assert report.heads_removed == {"blocks.0": 2}
+    assert block.n_head == 2 and block.qkv.out_features == 24 and block.proj.in_features == 8
+    assert model.blocks[1].n_head == 4
+    assert report.params_after < report.params_before
+    assert_close(model(x), expected, atol=1e-5, rtol=0)

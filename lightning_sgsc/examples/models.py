@@ -120,6 +120,9 @@ class CharTransformer(nn.Module):
 
 
 class _Block(nn.Module):
+    """Pre-norm transformer block. Follows the attention protocol of :func:`lightning_sgsc.prune.prune_attention_heads`
+    (``qkv``, ``proj``, ``n_head``), so whole heads can be removed."""
+
     def __init__(self, n_embd: int, n_head: int, block_size: int) -> None:
         super().__init__()
         self.n_head = n_head
@@ -131,11 +134,12 @@ class _Block(nn.Module):
         self.out = nn.Linear(4 * n_embd, n_embd)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(c, dim=-1)
+        b, t, _ = x.shape
+        inner = self.qkv.out_features // 3  # n_head * head_dim; shrinks when heads are pruned
+        q, k, v = self.qkv(self.ln1(x)).split(inner, dim=-1)
         q, k, v = (z.view(b, t, self.n_head, -1).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, inner))
         return x + self.out(F.gelu(self.fc(self.ln2(x))))
 
 
