@@ -16,7 +16,26 @@ def split_indices(n: int, fractions: tuple[float, float], seed: int) -> tuple[li
     return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class TensorDataModule(pl.LightningDataModule):
+    """Loaders over ``train_set`` / ``val_set`` / ``test_set`` (TensorDatasets that ``setup`` builds); the training
+    loader shuffles with a generator seeded by ``self.seed``."""
+
+    batch_size: int
+    seed: int
+    eval_batch_size = 512
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=self.eval_batch_size)
+
+
+class DigitsDataModule(TensorDataModule):
     """scikit-learn's 1,797 8×8 digits (shipped with the package, no download), split train/val/test by seed.
 
     Args:
@@ -44,16 +63,6 @@ class DigitsDataModule(pl.LightningDataModule):
         self.train_set = TensorDataset(x[train], y[train])
         self.val_set = TensorDataset(x[val], y[val])
         self.test_set = TensorDataset(x[test], y[test])
-
-    def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=256)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=256)
 
 
 def read_idx(path: str | Path) -> torch.Tensor:
@@ -87,7 +96,7 @@ def load_idx_images(root: str | Path, split: str = "train") -> tuple[torch.Tenso
     return x, read_idx(labels).long()
 
 
-class IDXImageDataModule(pl.LightningDataModule):
+class IDXImageDataModule(TensorDataModule):
     """MNIST-format images (IDX ``.gz``) from a folder: train/validation split from the training files by seed,
     test from the ``t10k`` files. Offline: nothing is downloaded unless ``download=True`` (torchvision).
 
@@ -136,16 +145,6 @@ class IDXImageDataModule(pl.LightningDataModule):
         self.train_set, self.val_set = TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va])
         self.test_set = TensorDataset(*test)
 
-    def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=512)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=512)
-
 
 class MNIST10kDataModule(DigitsDataModule):
     """The official MNIST test split (10,000 images), split into train/validation/test by a fixed seed.
@@ -179,7 +178,7 @@ class MNIST10kDataModule(DigitsDataModule):
         self.test_set = TensorDataset(x[test], y[test])
 
 
-class NamesDataModule(pl.LightningDataModule):
+class NamesDataModule(TensorDataModule):
     """Character-level names (makemore's ``names.txt``): each name becomes ``block_size`` inputs and next-character
     targets (end token 0, padding ignored with -1); names split train/validation/test by seed.
 
@@ -223,13 +222,3 @@ class NamesDataModule(pl.LightningDataModule):
         self.train_set = TensorDataset(x[train], y[train])
         self.val_set = TensorDataset(x[val], y[val])
         self.test_set = TensorDataset(x[test], y[test])
-
-    def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=512)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=512)

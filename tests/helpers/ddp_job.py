@@ -5,8 +5,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_sgsc import SafetyGuidedQuantization
-from tests.helpers.models import TinyClassifier, cpu_trainer
+from tests.helpers.models import TinyClassifier, aggressive_callback, cpu_trainer
 
 
 class SkewedRanks(TinyClassifier):
@@ -19,16 +18,7 @@ class SkewedRanks(TinyClassifier):
 def main(out: Path) -> None:
     torch.manual_seed(0)
     model = SkewedRanks(lr=0.05)
-    callback = SafetyGuidedQuantization(
-        init_bits=2,
-        bit_weight=2.0,
-        quantizer_lr=0.3,
-        preservation_size=24,
-        preservation_batch_size=8,
-        preservation_warmup_epochs=1,
-        threshold=0.0,
-        restore_fraction=0.5,
-    )
+    callback = aggressive_callback()
     trainer = cpu_trainer(
         out, [callback], max_epochs=4, limit_train_batches=3, limit_val_batches=2, strategy="ddp", devices=2
     )

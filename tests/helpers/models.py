@@ -128,3 +128,21 @@ class TinyTransformer(nn.Module):
         x = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, -1))
         x = x + self.mlp(self.ln2(x))
         return self.head(x)
+
+
+def aggressive_callback(**overrides: Any) -> Any:
+    """A callback that drives channels to zero bits within a few steps, so feedback decisions happen in tiny runs."""
+    from lightning_sgsc import SafetyGuidedQuantization
+
+    settings: dict[str, Any] = dict(
+        init_bits=2,
+        bit_weight=2.0,
+        quantizer_lr=0.3,
+        preservation_size=24,
+        preservation_batch_size=8,
+        preservation_warmup_epochs=1,
+        threshold=0.0,
+        restore_fraction=0.5,
+    )
+    settings.update(overrides)
+    return SafetyGuidedQuantization(**settings)

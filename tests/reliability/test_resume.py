@@ -4,7 +4,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_sgsc import SafetyGuidedQuantization
-from tests.helpers.models import TinyClassifier, cpu_trainer
+from tests.helpers.models import TinyClassifier, aggressive_callback, cpu_trainer
 
 
 class InOrder(TinyClassifier):
@@ -15,16 +15,7 @@ class InOrder(TinyClassifier):
 
 
 def _callback() -> SafetyGuidedQuantization:
-    return SafetyGuidedQuantization(
-        init_bits=2,
-        bit_weight=2.0,
-        quantizer_lr=0.3,
-        preservation_size=24,
-        preservation_batch_size=8,
-        preservation_warmup_epochs=1,
-        threshold=0.0,
-        restore_fraction=0.5,
-    )
+    return aggressive_callback()
 
 
 def _state(model: TinyClassifier) -> dict[str, torch.Tensor]:
