@@ -271,9 +271,9 @@ class SafetyGuidedQuantization(Callback):
             source = self.preservation_source
             return source.dataset if isinstance(source, DataLoader) else source
         loader = trainer.train_dataloader
-        if loader is None:
-            source = trainer.fit_loop._data_source
-            loader = source.dataloader() if source.is_defined() else None
+        if loader is None:  # before the fit loop has set up its data
+            data_source = trainer.fit_loop._data_source
+            loader = data_source.dataloader() if data_source.is_defined() else None
         dataset = getattr(loader, "dataset", None)
         if dataset is None or not hasattr(dataset, "__len__"):
             if not self._warned_no_dataset:

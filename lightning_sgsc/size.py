@@ -8,6 +8,7 @@ parameter and buffer is stored at its own dtype.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -138,7 +139,7 @@ def float32_bytes(model: nn.Module) -> int:
     return 4 * params + buffers
 
 
-def format_rows(rows: list[tuple[str, ...]]) -> str:
+def format_rows(rows: Sequence[tuple[str, ...]]) -> str:
     """A plain-text table: the first row is the header, first column left-aligned, the others right-aligned."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [

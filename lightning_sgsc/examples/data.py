@@ -22,6 +22,9 @@ class TensorDataModule(pl.LightningDataModule):
 
     batch_size: int
     seed: int
+    train_set: TensorDataset
+    val_set: TensorDataset
+    test_set: TensorDataset
     eval_batch_size = 512
 
     def train_dataloader(self) -> DataLoader:

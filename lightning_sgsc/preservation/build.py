@@ -136,7 +136,7 @@ def build_preservation_set(
     per_strategy = {name: s.scores(scores) for name, s in strategies.items() if name in ("gradcam", "uncertainty")}
     pset.scores = {name: v[positions] for name, v in per_strategy.items()}
     pset.chosen_by = chosen_by
-    histogram = Counter(int(t) for t in scores.targets[positions]) if scores.targets.dim() == 1 else {}
+    histogram = Counter(int(t) for t in scores.targets[positions]) if scores.targets.dim() == 1 else Counter()
     classes = f"classes {dict(sorted(histogram.items()))}; " if histogram else ""
     rank_zero_info(
         f"[sgsc] preservation set: {size} of {pool} candidates; {classes}by strategy {dict(Counter(chosen_by))}"
