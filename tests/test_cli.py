@@ -8,6 +8,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+DIGITS_FIT = (
+    "fit",
+    "--model",
+    "lightning_sgsc.examples.ClassifierModule",
+    "--model.net",
+    "lightning_sgsc.examples.DigitsCNN",
+    "--data",
+    "lightning_sgsc.examples.DigitsDataModule",
+    "--trainer.callbacks+=lightning_sgsc.SafetyGuidedQuantization",
+)
 
 
 def _sgsc(*args, cwd):
@@ -24,14 +34,7 @@ def _sgsc(*args, cwd):
 @pytest.mark.slow
 def test_fit_with_the_callback_from_flags(tmp_path):
     run = _sgsc(
-        "fit",
-        "--model",
-        "lightning_sgsc.examples.ClassifierModule",
-        "--model.net",
-        "lightning_sgsc.examples.DigitsCNN",
-        "--data",
-        "lightning_sgsc.examples.DigitsDataModule",
-        "--trainer.callbacks+=lightning_sgsc.SafetyGuidedQuantization",
+        *DIGITS_FIT,
         "--trainer.callbacks.init_bits=4",
         "--trainer.fast_dev_run=true",
         "--trainer.accelerator=cpu",
@@ -68,14 +71,7 @@ trainer:
 
 def test_bad_callback_argument_is_reported(tmp_path):
     run = _sgsc(
-        "fit",
-        "--model",
-        "lightning_sgsc.examples.ClassifierModule",
-        "--model.net",
-        "lightning_sgsc.examples.DigitsCNN",
-        "--data",
-        "lightning_sgsc.examples.DigitsDataModule",
-        "--trainer.callbacks+=lightning_sgsc.SafetyGuidedQuantization",
+        *DIGITS_FIT,
         "--trainer.callbacks.init_bits=40",
         "--trainer.fast_dev_run=true",
         cwd=tmp_path,

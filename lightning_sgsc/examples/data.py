@@ -27,6 +27,13 @@ class TensorDataModule(pl.LightningDataModule):
     test_set: TensorDataset
     eval_batch_size = 512
 
+    def _split(self, x: torch.Tensor, y: torch.Tensor, fractions: tuple[float, float]) -> None:
+        """Sets ``train_set``, ``val_set``, ``test_set`` from one seeded split of ``(x, y)``."""
+        train, val, test = split_indices(len(y), fractions, self.seed)
+        self.train_set = TensorDataset(x[train], y[train])
+        self.val_set = TensorDataset(x[val], y[val])
+        self.test_set = TensorDataset(x[test], y[test])
+
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
@@ -62,10 +69,7 @@ class DigitsDataModule(TensorDataModule):
         digits = load_digits()
         x = torch.tensor(digits.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
         y = torch.tensor(digits.target, dtype=torch.long)
-        train, val, test = split_indices(len(y), self.fractions, self.seed)
-        self.train_set = TensorDataset(x[train], y[train])
-        self.val_set = TensorDataset(x[val], y[val])
-        self.test_set = TensorDataset(x[test], y[test])
+        self._split(x, y, self.fractions)
 
 
 def read_idx(path: str | Path) -> torch.Tensor:
@@ -175,10 +179,7 @@ class MNIST10kDataModule(DigitsDataModule):
         if loaded is None:
             raise FileNotFoundError(f"`root` must hold the MNIST t10k IDX files, got {str(self.root)!r}.")
         x, y = loaded
-        train, val, test = split_indices(len(y), self.fractions, self.seed)
-        self.train_set = TensorDataset(x[train], y[train])
-        self.val_set = TensorDataset(x[val], y[val])
-        self.test_set = TensorDataset(x[test], y[test])
+        self._split(x, y, self.fractions)
 
 
 class NamesDataModule(TensorDataModule):
@@ -221,7 +222,4 @@ class NamesDataModule(TensorDataModule):
             ids = [self.stoi[c] for c in w[: self.block_size - 1]]
             x[i, 1 : 1 + len(ids)] = torch.tensor(ids, dtype=torch.long)
             y[i, : len(ids) + 1] = torch.tensor([*ids, 0], dtype=torch.long)
-        train, val, test = split_indices(len(words), self.fractions, self.seed)
-        self.train_set = TensorDataset(x[train], y[train])
-        self.val_set = TensorDataset(x[val], y[val])
-        self.test_set = TensorDataset(x[test], y[test])
+        self._split(x, y, self.fractions)  # len(y) == len(words)
