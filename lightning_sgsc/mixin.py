@@ -39,18 +39,25 @@ def _wrap_training_step(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(self, *args, **kwargs)
         self._sgsc_depth += 1
         self._sgsc_called = False
-        try:
-            out = fn(self, *args, **kwargs)
-        finally:
-            self._sgsc_depth -= 1
         if not self.automatic_optimization:  # type: ignore[attr-defined]
+            try:
+                out = fn(self, *args, **kwargs)
+            finally:
+                self._sgsc_depth -= 1
             if not self._sgsc_called:
                 raise SGSCRuntimeError(
                     "Manual optimization: the compression terms were not added. In `training_step`, add "
                     "`self.compression_loss()` to your loss before `self.manual_backward(loss)`."
                 )
             return out
-        return self._sgsc_add_terms(out)
+        # Automatic optimisation: no backward or optimizer step happens inside, so every forward of this step (the
+        # user's and the preservation batch's) can share one fused quantizer pass.
+        with callback.training_step_context():
+            try:
+                out = fn(self, *args, **kwargs)
+            finally:
+                self._sgsc_depth -= 1
+            return self._sgsc_add_terms(out)
 
     training_step._sgsc_wrapped = True  # type: ignore[attr-defined]
     return training_step

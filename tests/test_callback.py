@@ -1,7 +1,5 @@
 """The callback and the mixin in a real CPU Trainer."""
 
-from typing import Any
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,27 +61,42 @@ def test_adamw_weight_decay_does_not_touch_b_and_e(tmp_path):
     assert not torch.allclose(snap.after["exponent"], decayed)
 
 
-def test_each_loss_term_is_logged_and_added(tmp_path):
+@pytest.mark.parametrize("every_n", [1, 3])
+def test_each_loss_term_is_logged_and_added(tmp_path, every_n):
     model = TinyClassifier()
-    seen: dict[str, Any] = {}
+    seen: list[dict[str, float]] = []
 
     class Grab(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-            seen["total"] = float(outputs["loss"])
+            step = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+            seen.append({**step, "total": float(outputs["loss"])})
 
-    cb = SafetyGuidedQuantization(l1_weight=0.1, bit_weight=0.01, preservation_weight=2.0, preservation_warmup_epochs=0)
-    cpu_trainer(tmp_path, [cb, Grab()], max_epochs=1, limit_train_batches=1).fit(model)
-    for key in ("train/loss_task", "train/loss_l1", "train/bits_per_weight", "train/loss_preservation"):
-        assert key in seen
-    expected = (
-        seen["train/loss_task"]
-        + 0.1 * seen["train/loss_l1"]
-        + 0.01 * seen["train/bits_per_weight"]
-        + 2.0 * seen["train/loss_preservation"]
+    cb = SafetyGuidedQuantization(
+        l1_weight=0.1,
+        bit_weight=0.01,
+        preservation_weight=2.0,
+        preservation_warmup_epochs=0,
+        preservation_every_n_steps=every_n,
     )
-    assert seen["total"] == pytest.approx(expected, rel=1e-5)
-    assert seen["train/bits_per_weight"] == pytest.approx(8.0, abs=0.05)
+    trainer = cpu_trainer(tmp_path, [cb, Grab()], max_epochs=1, limit_train_batches=2, log_every_n_steps=1)
+    trainer.fit(model)
+    first, second = seen
+    for key in ("train/loss_task", "train/loss_l1", "train/bits_per_weight", "train/loss_preservation"):
+        assert key in first
+    # On a due step the preservation term is added at its weight; on the others it is absent.
+    expected = (
+        first["train/loss_task"]
+        + 0.1 * first["train/loss_l1"]
+        + 0.01 * first["train/bits_per_weight"]
+        + 2.0 * first["train/loss_preservation"]
+    )
+    assert first["total"] == pytest.approx(expected, rel=1e-5)
+    assert first["train/bits_per_weight"] == pytest.approx(8.0, abs=0.05)
+    without = second["train/loss_task"] + 0.1 * second["train/loss_l1"] + 0.01 * second["train/bits_per_weight"]
+    if every_n == 1:
+        assert second["total"] == pytest.approx(without + 2.0 * second["train/loss_preservation"], rel=1e-5)
+    else:
+        assert second["total"] == pytest.approx(without, rel=1e-5)
 
 
 def test_size_metrics_and_feedback_decisions_are_logged_every_validation(tmp_path):
@@ -235,7 +248,13 @@ def test_preservation_weight_lowers_the_preservation_loss(tmp_path):
     def final_loss(weight: float) -> float:
         torch.manual_seed(0)
         model = TinyClassifier()
-        cb = SafetyGuidedQuantization(preservation_data=pset, preservation_weight=weight, bit_weight=0.0, prune=False)
+        cb = SafetyGuidedQuantization(
+            preservation_data=pset,
+            preservation_weight=weight,
+            bit_weight=0.0,
+            prune=False,
+            preservation_every_n_steps=1,
+        )
         cpu_trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=4).fit(model)
         x, y = pset.tensors
         with torch.no_grad():

@@ -1,21 +1,34 @@
 """Training-step overhead of SafetyGuidedQuantization + SafetyGuidedMixin against the same model without them.
 
-    python experiments/bench/overhead.py [--steps 30] [--rounds 5] [--models digits_cnn,fashion_cnn,char_transformer]
+    python experiments/bench/overhead.py [--steps 35] [--rounds 5] [--models digits_cnn,fashion_cnn,char_transformer]
+    python experiments/bench/overhead.py --scaling          # FashionCNN width x1/x2/x4, CharTransformer 4/8 layers
 
-For each model, float and compressed fits alternate in one process (``--rounds`` times, ``--steps`` optimizer steps
-each); a timing callback measures every step from batch start to batch end (forward, backward, optimizer step and
-the compression terms), the first 3 steps of every fit are dropped, and the median per-step time of each side gives
-the ratio. Same data (random tensors of the model's input shape), same batch, CPU (GPU too when one is available:
-``--accelerator gpu``). The last line is one JSON object with a ``ratio`` per model.
+For each model three fits alternate in one process, ``--rounds`` times, ``--steps`` optimizer steps each:
+
+* ``float``: the plain model (the mixin does nothing without the callback);
+* ``quantizer``: the callback without a preservation set (quantized twins, bit-depth term, fused quantizer);
+* ``sgsc``: the callback at its defaults (plus the preservation loss: batch 32 on every 8th step).
+
+A timing callback measures every step from batch start to batch end (forward, backward, optimizer step and the
+compression terms); the first 3 steps of every fit are dropped and the *mean* of the rest is the per-step cost (a
+mean, not a median: the preservation loss runs on one step in eight, and its cost must be counted). Same data
+(random tensors of the model's input shape), same batch. ``--scaling`` adds the peak memory of one fit of each side,
+measured in a fresh child process after a 3-step warm-up fit (which scores the preservation set once): the growth
+of the peak resident set over the measured fit on CPU, of torch's peak allocation on GPU.
+The last line is one JSON object with a ``ratio`` per model.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import logging
 import platform
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from typing import Any
@@ -27,6 +40,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_sgsc import SafetyGuidedQuantization
 from lightning_sgsc.examples import CharTransformer, ClassifierModule, DigitsCNN, FashionCNN, LanguageModule
 from lightning_sgsc.examples.training import quiet_trainer
+
+SCALING = "fashion_cnn,fashion_cnn_w2,fashion_cnn_w4,char_transformer,char_transformer_l8"
+SIDES = ("float", "quantizer", "sgsc")
 
 
 class StepTimer(pl.Callback):
@@ -46,71 +62,129 @@ class StepTimer(pl.Callback):
 
 
 def _setup(name: str, n: int) -> tuple[pl.LightningModule, DataLoader]:
+    """``name``: digits_cnn, fashion_cnn[_w2|_w4] (width multiplier), char_transformer[_l8] (layers)."""
     g = torch.Generator().manual_seed(0)
     if name == "digits_cnn":
         module: pl.LightningModule = ClassifierModule(DigitsCNN())
         data = TensorDataset(torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
         batch = 32
-    elif name == "fashion_cnn":
-        module = ClassifierModule(FashionCNN())
+    elif name.startswith("fashion_cnn"):
+        width = int(name.split("_w")[1]) if "_w" in name else 1
+        module = ClassifierModule(FashionCNN(width=width))
         data = TensorDataset(torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
         batch = 64
-    else:
-        module = LanguageModule(CharTransformer())
+    elif name.startswith("char_transformer"):
+        layers = int(name.split("_l")[1]) if "_l" in name else 4
+        module = LanguageModule(CharTransformer(n_layer=layers))
         x = torch.randint(0, 27, (n, 32), generator=g)
         data = TensorDataset(x, torch.roll(x, -1, dims=1))
         batch = 16
+    else:
+        raise SystemExit(f"--models: unknown model {name!r}; known: digits_cnn, {SCALING}")
     return module, DataLoader(data, batch_size=batch, shuffle=False)
 
 
+def _callback(side: str) -> list[pl.Callback]:
+    if side == "float":
+        return []
+    if side == "quantizer":
+        return [SafetyGuidedQuantization(preservation_size=0)]
+    return [SafetyGuidedQuantization(preservation_warmup_epochs=0, preservation_size=256, preservation_pool=1024)]
+
+
 def measure(name: str, steps: int, rounds: int, accelerator: str) -> dict[str, Any]:
-    torch.manual_seed(0)
-    plain, loader = _setup(name, 4096)
-    torch.manual_seed(0)
-    small, _ = _setup(name, 4096)
-    callback = SafetyGuidedQuantization(preservation_warmup_epochs=0, preservation_size=256, preservation_pool=1024)
-    timers = {"float": StepTimer(), "sgsc": StepTimer()}
+    modules = {}
+    for side in SIDES:
+        torch.manual_seed(0)
+        modules[side] = _setup(name, 4096)
+    timers = {side: StepTimer() for side in SIDES}
     for _ in range(rounds):
-        for label, module, extra in (("float", plain, []), ("sgsc", small, [callback])):
-            timer = timers[label]
+        for side in SIDES:
+            module, loader = modules[side]
+            timer = timers[side]
             before = len(timer.times)
-            trainer = quiet_trainer(1, [*extra, timer], max_steps=steps, limit_val_batches=0, accelerator=accelerator)
+            trainer = quiet_trainer(
+                1, [*_callback(side), timer], max_steps=steps, limit_val_batches=0, accelerator=accelerator
+            )
             trainer.fit(module, train_dataloaders=loader)
             del timer.times[before : before + 3]  # warm-up steps of each fit
-    t_float = statistics.median(timers["float"].times)
-    t_sgsc = statistics.median(timers["sgsc"].times)
+    ms = {side: 1e3 * statistics.mean(timers[side].times) for side in SIDES}
     return {
         "model": name,
-        "float_ms": round(1e3 * t_float, 3),
-        "sgsc_ms": round(1e3 * t_sgsc, 3),
-        "ratio": round(t_sgsc / t_float, 3),
+        "params": sum(p.numel() for p in modules["float"][0].parameters()),
+        **{f"{side}_ms": round(ms[side], 3) for side in SIDES},
+        "quantizer_ratio": round(ms["quantizer"] / ms["float"], 3),
+        "ratio": round(ms["sgsc"] / ms["float"], 3),
     }
+
+
+def _peak_memory_child(name: str, side: str, steps: int, accelerator: str) -> None:
+    """Runs in a fresh process: a 3-step warm-up fit (the preservation set is scored there, once), then the
+    measured fit; prints the peak memory growth over the measured fit in MiB."""
+    module, loader = _setup(name, 4096)
+    callbacks = _callback(side)
+    quiet_trainer(1, callbacks, max_steps=3, limit_val_batches=0, accelerator=accelerator).fit(module, loader)
+    trainer = quiet_trainer(1, callbacks, max_steps=steps, limit_val_batches=0, accelerator=accelerator)
+    gc.collect()
+    if accelerator == "gpu":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        trainer.fit(module, train_dataloaders=loader)
+        print((torch.cuda.max_memory_allocated() - before) / 2**20)
+        return
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, so growth is not hidden by the allocator
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # resets the peak (VmHWM) to the current resident set
+        f.write("5")
+    trainer.fit(module, train_dataloaders=loader)
+    print((_status_kib("VmHWM") - before) / 1024)
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def peak_memory(name: str, side: str, steps: int, accelerator: str) -> float:
+    code = (
+        "import sys, logging, warnings; sys.path.insert(0, 'experiments/bench'); warnings.filterwarnings('ignore');"
+        "logging.getLogger('lightning.pytorch').setLevel(logging.ERROR); import overhead;"
+        f"overhead._peak_memory_child({name!r}, {side!r}, {steps}, {accelerator!r})"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return round(float(out.stdout.strip().splitlines()[-1]), 1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=35)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--models", default="digits_cnn,fashion_cnn,char_transformer")
-    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--models", default=None, help="comma-separated; default: the three example models")
+    parser.add_argument("--scaling", action="store_true", help=f"models {SCALING}, with peak memory")
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    results = [measure(m, args.steps, args.rounds, args.accelerator) for m in args.models.split(",")]
-    for r in results:
-        times = f"float {r['float_ms']:.2f} ms/step, sgsc {r['sgsc_ms']:.2f} ms/step"
-        print(f"{r['model']:>17}: {times}, ratio {r['ratio']:.2f}x")
+    models = args.models or (SCALING if args.scaling else "digits_cnn,fashion_cnn,char_transformer")
+    results = []
+    for name in models.split(","):
+        r = measure(name, args.steps, args.rounds, args.accelerator)
+        if args.scaling:
+            r["float_peak_mib"] = peak_memory(name, "float", args.steps, args.accelerator)
+            r["sgsc_peak_mib"] = peak_memory(name, "sgsc", args.steps, args.accelerator)
+        results.append(r)
+        times = ", ".join(f"{side} {r[f'{side}_ms']:.2f}" for side in SIDES)
+        line = f"{name:>20} ({r['params']:,} params): ms/step {times}; ratio {r['ratio']:.2f}x"
+        line += f" (quantizer alone {r['quantizer_ratio']:.2f}x)"
+        if args.scaling:
+            line += f"; peak memory float {r['float_peak_mib']} MiB, sgsc {r['sgsc_peak_mib']} MiB"
+        print(line, flush=True)
     device = torch.cuda.get_device_name(0) if args.accelerator == "gpu" else f"{platform.machine()} CPU"
-    print(
-        json.dumps(
-            {
-                "device": device,
-                "threads": torch.get_num_threads(),
-                "ratio": {r["model"]: r["ratio"] for r in results},
-                "results": results,
-            }
-        )
-    )
+    summary = {"device": device, "threads": torch.get_num_threads(), "steps": args.steps, "rounds": args.rounds}
+    print(json.dumps({**summary, "ratio": {r["model"]: r["ratio"] for r in results}, "results": results}))
 
 
 if __name__ == "__main__":

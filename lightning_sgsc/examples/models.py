@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_sgsc.config import check_int
 from lightning_sgsc.mixin import SafetyGuidedMixin
 
 
@@ -34,14 +35,20 @@ class DigitsCNN(nn.Module):
 
 class FashionCNN(nn.Module):
     """Reference CNN for 28×28 grey images (Fashion-MNIST, MNIST): conv 32 → conv 64 → linear 128 → linear 10,
-    each conv 3×3 followed by ReLU and 2×2 max-pooling (421,642 parameters)."""
+    each conv 3×3 followed by ReLU and 2×2 max-pooling (421,642 parameters).
 
-    def __init__(self, num_classes: int = 10) -> None:
+    Args:
+        num_classes: output classes.
+        width: multiplies every hidden width (channels and the 128 hidden units); 1 is the reference CNN.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.fc1 = nn.Linear(64 * 7 * 7, 128)
-        self.fc2 = nn.Linear(128, num_classes)
+        check_int("width", width, 1)
+        self.conv1 = nn.Conv2d(1, 32 * width, 3, padding=1)
+        self.conv2 = nn.Conv2d(32 * width, 64 * width, 3, padding=1)
+        self.fc1 = nn.Linear(64 * width * 7 * 7, 128 * width)
+        self.fc2 = nn.Linear(128 * width, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)

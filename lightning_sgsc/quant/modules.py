@@ -54,10 +54,23 @@ class QuantizedLayer:
         return int(self.weight[0].numel())
 
     _weight_probe: Tensor | None = None
+    _fused: tuple[Tensor, tuple[int, int, int, int]] | None = None  # set inside FusedQuantizer.step
+
+    def _versions(self) -> tuple[int, int, int, int]:
+        """In-place modification counters of the tensors the quantized weight depends on."""
+        return (self.weight._version, self.bits._version, self.exponent._version, self.pruned._version)
 
     def quantized_weight(self) -> Tensor:
-        """The weight the layer computes with: quantized at the current ``bits``/``exponent``, differentiable."""
-        q = quantize(self.weight, self.bits, self.exponent, self.pruned)
+        """The weight the layer computes with: quantized at the current ``bits``/``exponent``, differentiable.
+
+        Inside :meth:`~lightning_sgsc.quant.fused.FusedQuantizer.step` (one training step) this is the layer's
+        slice of the step's single fused quantizer pass, as long as none of its tensors changed in place since.
+        """
+        fused = self._fused
+        if fused is not None and torch.is_grad_enabled() and fused[1] == self._versions():
+            q = fused[0].to(self.weight.dtype)
+        else:
+            q = quantize(self.weight, self.bits, self.exponent, self.pruned)
         if self._weight_probe is not None:  # see feedback.probe_weight_grads
             q = q + self._weight_probe.to(q.dtype)
         return q
