@@ -1,0 +1,387 @@
+"""The FashionCNN compressed by us and by the tools users would pick instead, same data and step budget, one run.
+
+    python experiments/bench/peers.py [--steps 1000] [--methods sgsc,paper,diffq,brevitas,pruning] [--data fashion]
+
+Every method trains the same ``FashionCNN`` from the same seed on the same Fashion-MNIST subset (``--train-limit``
+training images, batch 64, AdamW 1e-3, ``--steps`` steps) and is scored on the 10,000 test images. Sizes are true
+bytes of what a user would ship:
+
+* ``sgsc`` (ours, at several ``bit_weight``): the file :func:`lightning_sgsc.export_compressed` writes.
+* ``paper``: the safety-guided paper's original recipe on our quantizer: ``b`` starts at 32 and ``e`` at -8,
+  bit-depth weight γ, restores chosen at random instead of by Taylor score; sized by the same exporter (which stores
+  each channel at the bits its integers need, so a channel whose ``b`` stayed at 22 but whose integers fit 9 bits
+  costs 9).
+* ``diffq``: DiffQ (``pip install diffq``; non-commercial licence, so never a dependency of this project) with its
+  size penalty λ·MB, group size 8, every weight quantized (``min_size=0``; biases stay float32); bytes of its packed
+  quantized state pickled (``packed_model_size``, what DiffQ's own docs call the true size).
+* ``brevitas``: Brevitas fixed-bit QAT of the weights (per-channel float scale, 2/4/8 bits, activations in float);
+  bytes = weights bit-packed at that width + float32 scales and biases (Brevitas exports no bit-packed file).
+* ``pruning``: Lightning's ``ModelPruning`` (global L1 unstructured, in two steps during the first two epochs), then
+  int8 weight-only post-training quantization (per-channel symmetric); bytes = one-bit occupancy mask + the int8
+  non-zeros + float32 scales and biases.
+
+Prints one table, writes ``peers.json`` / ``peers.md`` / ``peers.png`` (test accuracy against bytes, log scale,
+one front per method) into ``--out``, and checks the target: every peer point is matched or beaten (fewer or equal
+bytes and higher or equal accuracy) by one of ours. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import pickle
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sgsc import SafetyGuidedQuantization
+from lightning_sgsc.examples import ClassifierModule, FashionCNN, IDXImageDataModule
+from lightning_sgsc.examples.data import FASHION_MNIST_DIR
+from lightning_sgsc.examples.training import quiet_trainer
+from lightning_sgsc.export import export_compressed, load_compressed
+from lightning_sgsc.quant.modules import quantized_layers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from summarize import pareto_front
+
+FLOAT32_BYTES = 4 * 421_642
+SETTINGS: dict[str, list[float]] = {
+    "sgsc": [0.1, 0.5, 2.0],  # bit_weight
+    "paper": [0.1, 1.0],  # bit_weight (gamma): the recipe's 0.1 and a larger one
+    "diffq": [0.5, 2.0, 10.0],  # λ per MB
+    "brevitas": [8, 4, 2],  # bits
+    "pruning": [0.5, 0.8, 0.95],  # final sparsity
+}
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+
+
+class RandomImages(pl.LightningDataModule):
+    """Random 28×28 images with random labels: only for a smoke run (``--data random``) without Fashion-MNIST."""
+
+    def __init__(self, batch_size: int = 64, n: int = 512) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.data = TensorDataset(torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
+        self.batch_size = batch_size
+        self.train_set = self.test_set = self.data
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=256)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=256)
+
+
+def make_data(kind: str, train_limit: int) -> pl.LightningDataModule:
+    if kind == "random":
+        return RandomImages()
+    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        raise SystemExit(
+            f"--data fashion needs Fashion-MNIST in {FASHION_MNIST_DIR} (apt-get install -y dataset-fashion-mnist); "
+            "use --data random for a smoke run."
+        )
+    return IDXImageDataModule(batch_size=64, train_limit=train_limit, seed=0)
+
+
+# --------------------------------------------------------------------------------------------------------- methods
+
+
+class RandomRestores(SafetyGuidedQuantization):
+    """The paper's recipe: ``b`` from 32 and ``e`` from -8 at the swap, restores chosen at random."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        fresh = not quantized_layers(pl_module)
+        super().setup(trainer, pl_module, stage)
+        if fresh:
+            with torch.no_grad():
+                for _, layer in quantized_layers(pl_module):
+                    layer.bits.fill_(32.0)
+                    layer.exponent.fill_(-8.0)
+
+    def _restore_scores(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        g = torch.Generator().manual_seed(self.seed + len(self.history))
+        return {name: torch.rand(layer.out_channels_, generator=g) for name, layer in quantized_layers(pl_module)}
+
+
+def _ours(setting: float, paper: bool) -> tuple[ClassifierModule, list[pl.Callback], Callable[..., int]]:
+    module = ClassifierModule(FashionCNN())
+    kind = RandomRestores if paper else SafetyGuidedQuantization
+    callback = kind(bit_weight=setting, seed=0, **({} if paper else {"init_bits": 8}))
+
+    def size(model: ClassifierModule) -> int:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.sgsc"
+            nbytes = export_compressed(model.net, path)
+            reloaded = load_compressed(path, FashionCNN()).eval()
+            x = torch.rand(8, 1, 28, 28)
+            if not torch.equal(reloaded(x), model.net.eval()(x)):
+                raise RuntimeError("exported model differs from the trained one")
+            return nbytes
+
+    return module, [callback], size
+
+
+class DiffQModule(ClassifierModule):
+    """ClassifierModule + DiffQ: noise-injection quantization in training, true quantization in eval mode."""
+
+    def __init__(self, penalty: float) -> None:
+        super().__init__(FashionCNN())
+        from diffq import DiffQuantizer
+
+        self.penalty = penalty
+        self.quantizer = DiffQuantizer(self.net, group_size=8, min_size=0.0, exclude=["*bias"])
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return super().training_step(batch, batch_idx) + self.penalty * self.quantizer.model_size()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        logits = {id(qp.logit) for qp in self.quantizer._qparams}  # DiffQ adds its own group for them
+        weights = [p for p in self.net.parameters() if id(p) not in logits]
+        opt = torch.optim.AdamW(weights, lr=self.lr, weight_decay=self.weight_decay)
+        self.quantizer.setup_optimizer(opt)
+        return opt
+
+
+def _diffq(setting: float) -> tuple[pl.LightningModule, list[pl.Callback], Callable[..., int]]:
+    module = DiffQModule(setting)
+
+    def size(model: DiffQModule) -> int:
+        return len(pickle.dumps(model.quantizer.get_quantized_state(packed=True)))
+
+    return module, [], size
+
+
+def _brevitas_net(bits: int) -> nn.Module:
+    import brevitas.nn as qnn
+    from brevitas.quant import Int8WeightPerChannelFloat
+
+    kw = dict(weight_bit_width=bits, weight_quant=Int8WeightPerChannelFloat)
+    net = FashionCNN()
+    net.conv1 = qnn.QuantConv2d(1, 32, 3, padding=1, **kw)
+    net.conv2 = qnn.QuantConv2d(32, 64, 3, padding=1, **kw)
+    net.fc1 = qnn.QuantLinear(64 * 7 * 7, 128, bias=True, **kw)
+    net.fc2 = qnn.QuantLinear(128, 10, bias=True, **kw)
+    return net
+
+
+def _brevitas(setting: float) -> tuple[pl.LightningModule, list[pl.Callback], Callable[..., int]]:
+    bits = int(setting)
+    module = ClassifierModule(_brevitas_net(bits))
+
+    def size(model: ClassifierModule) -> int:
+        total = 0
+        for layer in (model.net.conv1, model.net.conv2, model.net.fc1, model.net.fc2):
+            q = layer.quant_weight()
+            total += math.ceil(q.int().numel() * bits / 8) + 4 * q.scale.numel() + 4 * layer.bias.numel()
+        return total
+
+    return module, [], size
+
+
+def _pruning(setting: float) -> tuple[pl.LightningModule, list[pl.Callback], Callable[..., int]]:
+    from lightning.pytorch.callbacks import ModelPruning
+
+    module = ClassifierModule(FashionCNN())
+    step = 1.0 - math.sqrt(1.0 - setting)  # two pruning steps reach the final sparsity
+    pruning = ModelPruning(
+        "l1_unstructured", amount=lambda epoch: step if epoch < 2 else 0.0, use_global_unstructured=True, verbose=0
+    )
+
+    def size(model: ClassifierModule) -> int:
+        total = 0
+        with torch.no_grad():
+            for layer in (model.net.conv1, model.net.conv2, model.net.fc1, model.net.fc2):
+                w = layer.weight.reshape(layer.weight.shape[0], -1)
+                scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
+                q = torch.round(w / scale).clamp(-127, 127)
+                layer.weight.copy_((q * scale).reshape(layer.weight.shape))  # the int8 model is what is tested
+                total += math.ceil(q.numel() / 8) + int((q != 0).sum()) + 4 * scale.numel() + 4 * layer.bias.numel()
+        return total
+
+    return module, [pruning], size
+
+
+def build(method: str, setting: float) -> tuple[pl.LightningModule, list[pl.Callback], Callable[..., int]]:
+    if method in ("sgsc", "paper"):
+        return _ours(setting, paper=method == "paper")
+    return {"diffq": _diffq, "brevitas": _brevitas, "pruning": _pruning}[method](setting)
+
+
+def available(method: str) -> bool:
+    module = {"diffq": "diffq", "brevitas": "brevitas"}.get(method)
+    if module is None:
+        return True
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------- runs
+
+
+def run_one(method: str, setting: float, data: pl.LightningDataModule, steps: int) -> dict[str, Any]:
+    pl.seed_everything(0, verbose=False)
+    module, callbacks, size = build(method, setting)
+    trainer = quiet_trainer(
+        -1,
+        callbacks,
+        max_steps=steps,
+        val_check_interval=max(steps // 4, 1),
+        limit_val_batches=10,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, data)
+    seconds = time.perf_counter() - start
+    nbytes = size(module)  # may replace weights by what is shipped (int8 after pruning), so before the test
+    acc = _test_accuracy(module, data)
+    return {
+        "method": method,
+        "setting": setting,
+        "run": f"{method}-{setting:g}",
+        "test_metric_name": "test/acc",
+        "test_metric": round(acc, 4),
+        "file_bytes": nbytes,
+        "of_float32": round(nbytes / FLOAT32_BYTES, 4),
+        "train_seconds": round(seconds, 1),
+    }
+
+
+@torch.no_grad()
+def _test_accuracy(module: pl.LightningModule, data: pl.LightningDataModule) -> float:
+    module.eval()
+    if getattr(data, "test_set", None) is None:
+        data.setup("test")
+    correct = total = 0
+    for x, y in data.test_dataloader():
+        correct += int((module(x).argmax(-1) == y).sum())
+        total += int(y.numel())
+    return correct / total
+
+
+def dominated_check(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For every peer point: the smallest of ours that is at least as accurate, and whether it is no larger."""
+    ours = [r for r in results if r["method"] == "sgsc"]
+    rows = []
+    for peer in (r for r in results if r["method"] != "sgsc"):
+        match = [o for o in ours if o["test_metric"] >= peer["test_metric"]]
+        best = min(match, key=lambda o: o["file_bytes"]) if match else None
+        ok = best is not None and best["file_bytes"] <= peer["file_bytes"]
+        rows.append({"peer": peer["run"], "ours": best["run"] if best else None, "matched": ok})
+    return rows
+
+
+def markdown(results: list[dict[str, Any]], checks: list[dict[str, Any]], header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| method | setting | test acc | true bytes | of float32 | train s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['method']} | {r['setting']:g} | {100 * r['test_metric']:.2f} % | {r['file_bytes']:,} | "
+            f"{100 * r['of_float32']:.2f} % | {r['train_seconds']:.0f} |"
+        )
+    lines += ["", "| peer point | ours, smallest at least as accurate | matched or beaten |", "|---|---|---|"]
+    lines += [f"| {c['peer']} | {c['ours'] or '—'} | {'yes' if c['matched'] else 'no'} |" for c in checks]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in SETTINGS:
+        runs = [r for r in results if r["method"] == method]
+        if not runs:
+            continue
+        front = pareto_front(runs)
+        line = ax.plot([r["file_bytes"] for r in front], [100 * r["test_metric"] for r in front], "-", alpha=0.6)[0]
+        ax.plot(
+            [r["file_bytes"] for r in runs],
+            [100 * r["test_metric"] for r in runs],
+            "o",
+            color=line.get_color(),
+            label=method,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("true bytes (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("FashionCNN on Fashion-MNIST: accuracy against shipped bytes")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--train-limit", type=int, default=20_000)
+    parser.add_argument("--methods", default=",".join(SETTINGS))
+    parser.add_argument("--data", choices=["fashion", "random"], default="fashion")
+    parser.add_argument("--out", default="experiments/results/bench")
+    args = parser.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; allowed: {', '.join(SETTINGS)}")
+    data = make_data(args.data, args.train_limit)
+    results = []
+    for method in methods:
+        if not available(method):
+            print(f"{method}: not installed (pip install {method}), skipped", flush=True)
+            continue
+        for setting in SETTINGS[method]:
+            r = run_one(method, setting, data, args.steps)
+            results.append(r)
+            print(
+                f"{r['run']:>16}: test acc {100 * r['test_metric']:.2f} %, {r['file_bytes']:,} B "
+                f"({100 * r['of_float32']:.2f} % of float32), {r['train_seconds']:.0f} s",
+                flush=True,
+            )
+    checks = dominated_check(results)
+    hardware = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    header = (
+        f"FashionCNN, {args.data} data ({args.train_limit:,} training images), {args.steps} steps of batch 64, "
+        f"AdamW 1e-3, seed 0; {hardware}"
+    )
+    text = markdown(results, checks, header)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"setup": header, "results": results, "checks": checks, "all_matched": all(c["matched"] for c in checks)}
+    (out / "peers.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "peers.md").write_text(text)
+    plot(results, out / "peers.png")
+    print(json.dumps({"all_matched": summary["all_matched"], "points": len(results)}))
+
+
+if __name__ == "__main__":
+    main()

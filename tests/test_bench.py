@@ -1,0 +1,103 @@
+"""The benchmark scripts run end to end on tiny budgets (their figures come from full runs, not from here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments" / "bench"))
+
+import overhead  # noqa: E402
+import peers  # noqa: E402
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_overhead_prints_a_ratio_per_model_and_peak_memory_when_scaling():
+    out = subprocess.run(
+        [sys.executable, "experiments/bench/overhead.py", "--steps", "4", "--rounds", "1", "--scaling",
+         "--models", "char_transformer_l8"],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    summary = _last_json(out.stdout)
+    assert set(summary["ratio"]) == {"char_transformer_l8"}
+    (deep,) = summary["results"]
+    assert deep["params"] > 400_000  # 8 layers: twice the blocks of the 205,595-parameter default
+    assert deep["ratio"] > 0 and deep["quantizer_ms"] > 0 and deep["sgsc_peak_mib"] >= 0
+
+
+def test_the_scaling_models_grow_as_named():
+    sizes = {
+        name: sum(p.numel() for p in overhead._setup(name, 8)[0].parameters()) for name in overhead.SCALING.split(",")
+    }
+    assert sizes["fashion_cnn"] == 421_642
+    assert sizes["fashion_cnn"] < sizes["fashion_cnn_w2"] < sizes["fashion_cnn_w4"]
+    assert sizes["char_transformer"] < sizes["char_transformer_l8"]
+
+
+@pytest.mark.slow
+def test_peers_runs_every_method_it_can_import_and_checks_the_front(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "experiments/bench/peers.py",
+            "--steps",
+            "3",
+            "--data",
+            "random",
+            "--methods",
+            "sgsc,paper,pruning",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert _last_json(out.stdout)["points"] == 3 + 2 + 3
+    saved = json.loads((tmp_path / "peers.json").read_text())
+    assert {r["method"] for r in saved["results"]} == {"sgsc", "paper", "pruning"}
+    assert len(saved["checks"]) == 5  # one per peer point
+    assert (tmp_path / "peers.png").stat().st_size > 0 and "| pruning | 0.95 |" in (tmp_path / "peers.md").read_text()
+
+
+def test_the_dominance_check_needs_a_smaller_and_at_least_as_accurate_point_of_ours():
+    def point(method, acc, nbytes):
+        return {"method": method, "run": f"{method}-{acc}", "test_metric": acc, "file_bytes": nbytes}
+
+    results = [
+        point("sgsc", 0.90, 100),
+        point("sgsc", 0.85, 50),
+        point("brevitas", 0.88, 120),
+        point("brevitas", 0.86, 40),
+        point("diffq", 0.95, 500),
+    ]
+    checks = {c["peer"]: c for c in peers.dominated_check(results)}
+    assert checks["brevitas-0.88"] == {"peer": "brevitas-0.88", "ours": "sgsc-0.9", "matched": True}
+    assert checks["brevitas-0.86"]["matched"] is False  # ours at >= 0.86 needs 100 bytes, more than 40
+    assert checks["diffq-0.95"] == {"peer": "diffq-0.95", "ours": None, "matched": False}
+
+
+def test_pruning_size_counts_the_mask_the_int8_non_zeros_scales_and_biases():
+    module, _, size = peers._pruning(0.5)
+    net = module.net
+    with_zeros = net.fc1.weight.detach().clone()
+    with_zeros[:, ::2] = 0
+    net.fc1.weight.data.copy_(with_zeros)
+    nbytes = size(module)
+    layers = (net.conv1, net.conv2, net.fc1, net.fc2)
+    n = sum(layer.weight.numel() for layer in layers)
+    nonzero = sum(int((layer.weight != 0).sum()) for layer in layers)
+    expected = sum(
+        -(-layer.weight.numel() // 8) + 4 * layer.weight.shape[0] + 4 * layer.bias.numel() for layer in layers
+    )
+    assert nbytes == expected + nonzero and nonzero < n
