@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from lightning_sgsc.quant.functional import _Quantize
+from lightning_sgsc.quant.functional import _Quantize, effective_bits
 from lightning_sgsc.quant.modules import QuantizedLayer
 
 
@@ -54,16 +54,14 @@ class FusedQuantizer:
     def effective_bits(self) -> Tensor:
         """``max(b, 0)`` of every channel of every layer, 0 where pruned, concatenated (differentiable)."""
         bits = torch.cat([layer.bits for layer in self.layers])
-        pruned = torch.cat([layer.pruned for layer in self.layers])
-        return torch.where(pruned, torch.zeros_like(bits), bits.clamp_min(0.0))
+        return effective_bits(bits, torch.cat([layer.pruned for layer in self.layers]))
 
     def bits_per_weight(self, effective: Tensor | None = None) -> Tensor:
         """Same value as :func:`lightning_sgsc.losses.bits_per_weight` over these layers, in three operations;
         inside :meth:`step` it reuses the step's effective bits (one graph node for both uses)."""
         if effective is None:
             effective = self._step_bits if self._step_bits is not None else self.effective_bits()
-        b = effective
-        return (b * self._fan_in_vector(b.device)).sum() / max(self._n_weights, 1)
+        return (effective * self._fan_in_vector(effective.device)).sum() / max(self._n_weights, 1)
 
     def quantize_all(self, effective: Tensor | None = None) -> list[Tensor]:
         """Every layer's quantized weight (float32, each layer's shape): one quantizer call per distinct fan-in."""
