@@ -174,10 +174,12 @@ def _brevitas_net(bits: int) -> nn.Module:
 
     kw = dict(weight_bit_width=bits, weight_quant=Int8WeightPerChannelFloat)
     net = FashionCNN()
-    net.conv1 = qnn.QuantConv2d(1, 32, 3, padding=1, **kw)
-    net.conv2 = qnn.QuantConv2d(32, 64, 3, padding=1, **kw)
-    net.fc1 = qnn.QuantLinear(64 * 7 * 7, 128, bias=True, **kw)
-    net.fc2 = qnn.QuantLinear(128, 10, bias=True, **kw)
+    for name in ("conv1", "conv2"):  # same shapes as our FashionCNN's layers, read from them
+        c = getattr(net, name)
+        setattr(net, name, qnn.QuantConv2d(c.in_channels, c.out_channels, c.kernel_size, padding=c.padding, **kw))
+    for name in ("fc1", "fc2"):
+        fc = getattr(net, name)
+        setattr(net, name, qnn.QuantLinear(fc.in_features, fc.out_features, bias=True, **kw))
     return net
 
 
