@@ -12,8 +12,8 @@ The clamp comes before the rounding (as in the self-compression paper's code). F
 ``2^e * clamp(round(2^-e w), ...)`` exactly; for ``b = 0`` only this order gives exact zeros, and for fractional
 ``b`` it keeps every stored value an integer (so it can be bit-packed).
 
-The forward pass and the gradients are one :class:`torch.autograd.Function`, so a training step costs one fused
-elementwise pass instead of a graph of ten small ops.
+The forward pass and the gradients are one :class:`torch.autograd.Function`: four weight-sized operations forward,
+about ten backward, and no weight-sized tensor saved between the two beyond the weight itself.
 """
 
 from __future__ import annotations
@@ -31,6 +31,11 @@ def _channel_view(t: Tensor, weight: Tensor) -> Tensor:
     return t.reshape((-1,) + (1,) * (weight.dim() - 1))
 
 
+def _channel_sum(t: Tensor) -> Tensor:
+    """Sums ``(C, ...)`` over everything but dimension 0."""
+    return t.reshape(t.shape[0], -1).sum(1)
+
+
 def effective_bits(bits: Tensor, pruned: Tensor | None = None) -> Tensor:
     """The bit depth the quantizer uses: ``max(b, 0)``, and 0 for pruned channels."""
     b = bits.clamp_min(0.0)
@@ -40,37 +45,39 @@ def effective_bits(bits: Tensor, pruned: Tensor | None = None) -> Tensor:
 
 
 class _Quantize(torch.autograd.Function):
+    """Forward and STE gradients of the quantizer.
+
+    Only the input ``weight`` (for a parameter: no extra memory) and per-channel vectors are saved; the backward
+    recomputes ``x = 2^-e w`` and its clamp (two elementwise passes) instead of keeping two weight-sized tensors
+    alive from the forward to the backward."""
+
     @staticmethod
     def forward(ctx, weight: Tensor, bits: Tensor, exponent: Tensor) -> Tensor:  # type: ignore[override]
-        b = _channel_view(bits, weight)
-        e = _channel_view(exponent, weight)
-        scale = torch.exp2(e)
-        x = weight * torch.exp2(-e)
-        half = torch.exp2(b - 1.0)
-        lo, hi = -half, half - 1.0
-        r = torch.round(torch.clamp(x, lo, hi))
-        ctx.save_for_backward(x, r, scale, half, lo, hi)
-        ctx.weight_shape = weight.shape
-        return scale * r
+        scale = torch.exp2(_channel_view(exponent, weight))
+        inv_scale = torch.exp2(_channel_view(exponent.neg(), weight))
+        half = torch.exp2(_channel_view(bits, weight) - 1.0)
+        lo, hi = half.neg(), half - 1.0
+        r = torch.clamp(weight * inv_scale, lo, hi).round_()
+        ctx.save_for_backward(weight, scale, inv_scale, half, lo, hi)
+        return r.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
-        x, r, scale, half, lo, hi = ctx.saved_tensors
-        below, above = x < lo, x > hi
-        inside = ~(below | above)
-        reduce_dims = tuple(range(1, grad.dim()))
-        grad_w = grad_b = grad_e = None
-        if ctx.needs_input_grad[0]:
-            grad_w = grad * inside
-        if ctx.needs_input_grad[1]:
-            # d lo / db = -2^(b-1) ln2, d hi / db = 2^(b-1) ln2; scaled by 2^e.
-            dq_db = torch.where(above, half, torch.where(below, -half, torch.zeros_like(x))) * (_LN2 * scale)
-            grad_b = (grad * dq_db).sum(dim=reduce_dims) if reduce_dims else grad * dq_db
+        weight, scale, inv_scale, half, lo, hi = ctx.saved_tensors
+        x = weight * inv_scale
+        clamped = torch.clamp(x, lo, hi)
+        over = x - clamped  # > 0 above the range, < 0 below it, exactly 0 inside
+        grad_inside = torch.where(over == 0, grad, 0.0)
+        ln2_scale = (_LN2 * scale).reshape(-1)
+        grad_b = grad_e = None
         if ctx.needs_input_grad[2]:
             # q = 2^e r;  inside: r' = -ln2 x  ->  dq/de = ln2 2^e (r - x);  clipped: dq/de = ln2 2^e r.
-            dq_de = (_LN2 * scale) * torch.where(inside, r - x, r)
-            grad_e = (grad * dq_de).sum(dim=reduce_dims) if reduce_dims else grad * dq_de
-        return grad_w, grad_b, grad_e
+            r = clamped.round()
+            grad_e = (_channel_sum(grad * r) - _channel_sum(grad_inside * x)) * ln2_scale
+        if ctx.needs_input_grad[1]:
+            # d lo / db = -2^(b-1) ln2, d hi / db = 2^(b-1) ln2; scaled by 2^e.
+            grad_b = _channel_sum(grad * over.sign_()) * (ln2_scale * half.reshape(-1))
+        return (grad_inside if ctx.needs_input_grad[0] else None), grad_b, grad_e
 
 
 def quantize(weight: Tensor, bits: Tensor, exponent: Tensor, pruned: Tensor | None = None) -> Tensor:

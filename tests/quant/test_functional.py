@@ -106,3 +106,37 @@ def test_init_exponent_clips_nothing(bits):
     q = quantize(w, torch.full((8,), float(bits)), e)
     step = torch.exp2(e)[:, None]
     assert bool(((q - w).abs() <= step / 2 + 1e-6 * w.abs()).all())  # rounding error only, nothing clipped
+
+
+def test_backward_keeps_no_weight_sized_tensor_but_the_weight():
+    # Memory: the forward saves the weight and per-channel vectors only; x = 2^-e w and its rounding are recomputed
+    # in the backward instead of being held from the forward to the backward.
+    w = torch.randn(64, 3, 5, 5, requires_grad=True)
+    b = torch.full((64,), 4.0, requires_grad=True)
+    e = torch.full((64,), -3.0, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        q = quantize(w, b, e)
+    big = [t for t in saved if t.numel() >= w.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == w.data_ptr()
+    q.sum().backward()
+    assert w.grad is not None and b.grad is not None and e.grad is not None
+
+
+def test_gradients_of_a_one_dimensional_weight_are_per_element():
+    w = (3 * torch.randn(6)).requires_grad_()
+    b = torch.tensor([2.0, 3.0, 1.5, 4.0, 2.0, 0.5], requires_grad=True)
+    e = torch.tensor([-1.0, 0.0, -0.5, -2.0, 1.0, -1.0], requires_grad=True)
+    g = torch.randn(6)
+    (quantize(w, b, e) * g).sum().backward()
+    ours = (w.grad.clone(), b.grad.clone(), e.grad.clone())
+    for t in (w, b, e):
+        t.grad = None
+    (ste_reference(w, b, e) * g).sum().backward()
+    for a, r in zip(ours, (w.grad, b.grad, e.grad), strict=True):
+        assert_close(a, r, atol=1e-5, rtol=1e-5)
