@@ -46,7 +46,26 @@ from lightning_sgsc.quant.modules import QuantizedLayer, quantized_layers, quant
 from lightning_sgsc.quant.swap import quantize_
 from lightning_sgsc.size import model_size
 
+try:  # devices with fused optimizer kernels (private in torch; the fallback is the documented pair)
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    _FUSED_DEVICES = frozenset(_get_fused_kernels_supported_devices())
+except ImportError:  # pragma: no cover - older or newer torch
+    _FUSED_DEVICES = frozenset({"cuda", "cpu"})
+
 PreservationData = Dataset | DataLoader | PreservationSet
+
+
+def _batched_update(group: dict[str, Any], device: torch.device | None) -> None:
+    """Makes the optimizer update all ``bits``/``exponent`` tensors (two small ones per layer) in one call instead
+    of a Python loop over them: the fused kernel where the optimizer has one for this device (Adam, AdamW, SGD,
+    Adagrad), else the multi-tensor path. Settings the user chose (``fused``/``foreach`` not ``None``) are kept."""
+    if group.get("foreach") is not None or group.get("fused") or group.get("differentiable"):
+        return
+    if "fused" in group and group["fused"] is None and device is not None and device.type in _FUSED_DEVICES:
+        group["fused"] = True
+    elif "foreach" in group:
+        group["foreach"] = True
 
 
 class SafetyGuidedQuantization(Callback):
@@ -241,10 +260,7 @@ class SafetyGuidedQuantization(Callback):
         template = template or {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
         optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
         template.update(lr=self.quantizer_lr, initial_lr=self.quantizer_lr, weight_decay=0.0, sgsc_quantizer=True)
-        if "foreach" in template and template["foreach"] is None and not template.get("fused"):
-            # Two small tensors per layer: the multi-tensor update is one call instead of a Python loop over them
-            # (torch picks it by default on CUDA only).
-            template["foreach"] = True
+        _batched_update(template, qparams[0].device if qparams else None)
         optimizer.add_param_group({"params": qparams, **template})
         for config in trainer.lr_scheduler_configs:
             scheduler = config.scheduler

@@ -39,6 +39,7 @@ def test_layers_are_swapped_in_setup_and_b_e_get_their_own_param_group(tmp_path)
     assert len(groups) == 2
     qgroup = groups[1]
     assert qgroup["sgsc_quantizer"] and qgroup["weight_decay"] == 0.0 and qgroup["lr"] == 0.05
+    assert qgroup["fused"] is True and not groups[0]["fused"]  # one kernel for all b/e; the user's group untouched
     qids = {id(p) for p in qgroup["params"]}
     assert qids == {id(p) for n, p in model.named_parameters() if n.endswith(("bits", "exponent"))}
     assert not qids & {id(p) for p in groups[0]["params"]}
@@ -292,3 +293,21 @@ def test_preservation_every_n_steps(tmp_path):
     cpu_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=6, limit_val_batches=0).fit(Counting())
     training_calls = [s for s in calls if s is not None]
     assert training_calls[1:4] == [0, 2, 4]  # the first call is the set's shape check at set-up
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "kwargs", "expected"),
+    [
+        (torch.optim.Adam, {}, {"fused": True, "foreach": None}),
+        (torch.optim.SGD, {}, {"fused": True, "foreach": None}),
+        (torch.optim.RMSprop, {}, {"foreach": True}),  # no fused kernel: the multi-tensor path
+        (torch.optim.Adam, {"foreach": False}, {"fused": None, "foreach": False}),  # the user's choice is kept
+        (torch.optim.Adam, {"fused": False}, {"fused": False, "foreach": True}),  # fused declined: multi-tensor
+    ],
+)
+def test_the_b_e_group_gets_a_batched_update_unless_the_user_chose_one(optimizer, kwargs, expected):
+    from lightning_sgsc.callback import _batched_update
+
+    group = {k: v for k, v in optimizer([torch.nn.Parameter(torch.zeros(2))], lr=0.1, **kwargs).defaults.items()}
+    _batched_update(group, torch.device("cpu"))
+    assert {k: group.get(k) for k in expected} == expected
