@@ -80,11 +80,15 @@ def test_the_dominance_check_needs_a_smaller_and_at_least_as_accurate_point_of_o
         point("brevitas", 0.88, 120),
         point("brevitas", 0.86, 40),
         point("diffq", 0.95, 500),
+        point("pruning", 0.80, 30),
+        point("sgsc_b2", 0.81, 25),  # ours too (b starting at 2): never a peer
     ]
     checks = {c["peer"]: c for c in peers.dominated_check(results)}
+    assert set(checks) == {"brevitas-0.88", "brevitas-0.86", "diffq-0.95", "pruning-0.8"}
     assert checks["brevitas-0.88"] == {"peer": "brevitas-0.88", "ours": "sgsc-0.9", "matched": True}
     assert checks["brevitas-0.86"]["matched"] is False  # ours at >= 0.86 needs 100 bytes, more than 40
     assert checks["diffq-0.95"] == {"peer": "diffq-0.95", "ours": None, "matched": False}
+    assert checks["pruning-0.8"] == {"peer": "pruning-0.8", "ours": "sgsc_b2-0.81", "matched": True}
 
 
 def test_pruning_size_counts_the_mask_the_int8_non_zeros_scales_and_biases():

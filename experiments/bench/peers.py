@@ -6,7 +6,8 @@ Every method trains the same ``FashionCNN`` from the same seed on the same Fashi
 training images, batch 64, AdamW 1e-3, ``--steps`` steps) and is scored on the 10,000 test images. Sizes are true
 bytes of what a user would ship:
 
-* ``sgsc`` (ours, at several ``bit_weight``): the file :func:`lightning_sgsc.export_compressed` writes.
+* ``sgsc`` (ours, at several ``bit_weight``, ``b`` starting at 8) and ``sgsc_b2`` (ours, ``b`` starting at 2, the
+  front of the hyperparameter sweep): the file :func:`lightning_sgsc.export_compressed` writes.
 * ``paper``: the safety-guided paper's original recipe on our quantizer: ``b`` starts at 32 and ``e`` at -8,
   bit-depth weight γ, restores chosen at random instead of by Taylor score; sized by the same exporter (which stores
   each channel at the bits its integers need, so a channel whose ``b`` stayed at 22 but whose integers fit 9 bits
@@ -58,7 +59,8 @@ from summarize import pareto_front
 
 FLOAT32_BYTES = 4 * 421_642
 SETTINGS: dict[str, list[float]] = {
-    "sgsc": [0.1, 0.5, 2.0],  # bit_weight
+    "sgsc": [0.1, 0.5, 2.0],  # bit_weight, init_bits 8 (the default)
+    "sgsc_b2": [0.1, 0.5],  # bit_weight, init_bits 2
     "paper": [0.1, 1.0],  # bit_weight (gamma): the recipe's 0.1 and a larger one
     "diffq": [0.5, 2.0, 10.0],  # λ per MB
     "brevitas": [8, 4, 2],  # bits
@@ -120,10 +122,12 @@ class RandomRestores(SafetyGuidedQuantization):
         return {name: torch.rand(layer.out_channels_, generator=g) for name, layer in quantized_layers(pl_module)}
 
 
-def _ours(setting: float, paper: bool) -> tuple[ClassifierModule, list[pl.Callback], Callable[..., int]]:
+def _ours(
+    setting: float, paper: bool, init_bits: int = 8
+) -> tuple[ClassifierModule, list[pl.Callback], Callable[..., int]]:
     module = ClassifierModule(FashionCNN())
     kind = RandomRestores if paper else SafetyGuidedQuantization
-    callback = kind(bit_weight=setting, seed=0, **({} if paper else {"init_bits": 8}))
+    callback = kind(bit_weight=setting, seed=0, **({} if paper else {"init_bits": init_bits}))
 
     def size(model: ClassifierModule) -> int:
         with tempfile.TemporaryDirectory() as tmp:
@@ -221,8 +225,8 @@ def _pruning(setting: float) -> tuple[pl.LightningModule, list[pl.Callback], Cal
 
 
 def build(method: str, setting: float) -> tuple[pl.LightningModule, list[pl.Callback], Callable[..., int]]:
-    if method in ("sgsc", "paper"):
-        return _ours(setting, paper=method == "paper")
+    if method in ("sgsc", "sgsc_b2", "paper"):
+        return _ours(setting, paper=method == "paper", init_bits=2 if method == "sgsc_b2" else 8)
     return {"diffq": _diffq, "brevitas": _brevitas, "pruning": _pruning}[method](setting)
 
 
@@ -281,11 +285,15 @@ def _test_accuracy(module: pl.LightningModule, data: pl.LightningDataModule) -> 
     return correct / total
 
 
+def is_ours(method: str) -> bool:
+    return method.startswith("sgsc")
+
+
 def dominated_check(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For every peer point: the smallest of ours that is at least as accurate, and whether it is no larger."""
-    ours = [r for r in results if r["method"] == "sgsc"]
+    ours = [r for r in results if is_ours(r["method"])]
     rows = []
-    for peer in (r for r in results if r["method"] != "sgsc"):
+    for peer in (r for r in results if not is_ours(r["method"])):
         match = [o for o in ours if o["test_metric"] >= peer["test_metric"]]
         best = min(match, key=lambda o: o["file_bytes"]) if match else None
         ok = best is not None and best["file_bytes"] <= peer["file_bytes"]
