@@ -439,6 +439,7 @@ class SafetyGuidedQuantization(Callback):
             pl_module.log("sgsc/preservation_metric", metric)
             pl_module.log("sgsc/restored_channels", float(event.restored))
             pl_module.log("sgsc/pruned_channels", float(event.pruned))
+            pl_module.log("sgsc/kept_alive_channels", float(event.kept_alive))
         self._log_size(pl_module)
 
     def _restore_scores(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:

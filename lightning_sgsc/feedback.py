@@ -92,9 +92,10 @@ class Event:
     metric: float
     reference: float | None
     degradation: float
-    restored: int
+    restored: int  # zero-bit channels brought back because the preservation metric dropped
     pruned: int
     zero_bit: int
+    kept_alive: int = 0  # zero-bit channels brought back only so each layer keeps ``min_channels``
     epoch: int = -1
     step: int = -1
 
@@ -262,13 +263,13 @@ def apply_decision(
     """Carries out ``decision`` on ``model``. ``restore_scores`` is called only when channels are to be restored."""
     candidates = zero_bit_channels(model)
     zero_bit = _count(candidates)
-    restored = pruned = 0
+    restored = pruned = kept_alive = 0
     if decision.action is Action.RESTORE and zero_bit:
         selection = select_top(restore_scores(), candidates, config.restore_fraction)
         restored = restore_channels_(model, selection, config.restore_bits)
     elif decision.action is Action.PRUNE and zero_bit and config.prune:
         to_prune, keep_alive = enforce_min_channels(model, candidates, config.min_channels)
-        restored = restore_channels_(model, keep_alive, config.restore_bits)
+        kept_alive = restore_channels_(model, keep_alive, config.restore_bits)
         pruned = prune_channels_(model, to_prune, optimizers)
     return Event(
         action=decision.action.value,
@@ -278,4 +279,5 @@ def apply_decision(
         restored=restored,
         pruned=pruned,
         zero_bit=zero_bit,
+        kept_alive=kept_alive,
     )

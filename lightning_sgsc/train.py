@@ -110,6 +110,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             pruned_channels=size.pruned_channels,
             zero_bit_channels=size.zero_bit_channels,
             restored_channels=sum(e["restored"] for e in callback.history),
+            kept_alive_channels=sum(e.get("kept_alive", 0) for e in callback.history),
+            feedback=callback.history,
             preservation_metric=callback.history[-1]["metric"] if callback.history else None,
         )
         if cfg.export:

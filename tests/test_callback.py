@@ -113,6 +113,7 @@ def test_size_metrics_and_feedback_decisions_are_logged_every_validation(tmp_pat
         "sgsc/zero_bit_channels",
         "sgsc/restored_channels",
         "sgsc/pruned_channels",
+        "sgsc/kept_alive_channels",
         "sgsc/preservation_metric",
         "sgsc/bits/net.features.0",
         "sgsc/bits/net.head",

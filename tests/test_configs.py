@@ -1,5 +1,6 @@
 """Every Hydra config composes; bad overrides fail before training; one fast_dev_run per experiment."""
 
+import json
 import re
 from pathlib import Path
 
@@ -76,7 +77,11 @@ def test_fashion_cnn_experiment_runs(tmp_path, variant):
     )
     assert result["variant"] == {"default": "safe"}.get(variant, variant)
     assert result["file_bytes"] > 0 and 0.0 <= result["test_metric"] <= 1.0
-    assert (tmp_path / "results" / f"{result['run']}.json").exists()
+    saved = json.loads((tmp_path / "results" / f"{result['run']}.json").read_text())
+    if variant != "float":  # every feedback event, and the restores split by cause
+        assert saved["feedback"] and {"restored", "kept_alive", "pruned", "metric"} <= set(saved["feedback"][0])
+        assert saved["restored_channels"] == sum(e["restored"] for e in saved["feedback"])
+        assert saved["kept_alive_channels"] == sum(e["kept_alive"] for e in saved["feedback"])
 
 
 @pytest.mark.slow

@@ -141,3 +141,13 @@ def test_apply_decision_prune_skip_and_counts():
     off = FeedbackConfig(prune=False)
     _zero_bits(net, net.head, [1])
     assert apply_decision(net, Decision(Action.PRUNE, 0.9, 0.9, 0.0), off, dict).pruned == 0
+
+
+def test_a_prune_that_would_empty_a_layer_counts_the_spared_channel_as_kept_alive_not_restored():
+    net = TinyConvNet()
+    quantize_(net)
+    conv = net.features[0]
+    _zero_bits(net, conv, list(range(conv.out_channels_)))
+    event = apply_decision(net, Decision(Action.PRUNE, 0.9, 0.9, 0.0), FeedbackConfig(min_channels=1), dict)
+    assert (event.restored, event.kept_alive, event.pruned) == (0, 1, conv.out_channels_ - 1)
+    assert int((~conv.pruned).sum()) == 1 and float(conv.bits[~conv.pruned][0]) == FeedbackConfig().restore_bits
