@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from lightning_sgsc import SafetyGuidedQuantization
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments" / "bench"))
 
@@ -24,11 +26,11 @@ def _last_json(stdout: str) -> dict:
 def test_overhead_prints_a_ratio_per_model_and_peak_memory_when_scaling():
     out = subprocess.run(
         [sys.executable, "experiments/bench/overhead.py", "--steps", "4", "--rounds", "1", "--scaling",
-         "--models", "char_transformer_l8"],
+         "--models", "char_transformer_l8", "--preservation-batch-size", "16"],
         cwd=ROOT, check=True, capture_output=True, text=True,
     )  # fmt: skip
     summary = _last_json(out.stdout)
-    assert set(summary["ratio"]) == {"char_transformer_l8"}
+    assert set(summary["ratio"]) == {"char_transformer_l8"} and summary["preservation_batch_size"] == 16
     (deep,) = summary["results"]
     assert deep["params"] > 400_000  # 8 layers: twice the blocks of the 205,595-parameter default
     assert deep["ratio"] > 0 and deep["quantizer_ms"] > 0 and deep["sgsc_peak_mib"] >= 0
@@ -41,6 +43,14 @@ def test_the_scaling_models_grow_as_named():
     assert sizes["fashion_cnn"] == 421_642
     assert sizes["fashion_cnn"] < sizes["fashion_cnn_w2"] < sizes["fashion_cnn_w4"]
     assert sizes["char_transformer"] < sizes["char_transformer_l8"]
+
+
+def test_overhead_sides_use_the_callback_defaults_unless_a_preservation_batch_is_given():
+    assert overhead._callback("float") == []
+    assert overhead._callback("quantizer")[0].preservation_size == 0
+    default = SafetyGuidedQuantization().preservation_batch_size
+    assert overhead._callback("sgsc")[0].preservation_batch_size == default
+    assert overhead._callback("sgsc", 16)[0].preservation_batch_size == 16
 
 
 @pytest.mark.slow

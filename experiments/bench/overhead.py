@@ -84,15 +84,20 @@ def _setup(name: str, n: int) -> tuple[pl.LightningModule, DataLoader]:
     return module, DataLoader(data, batch_size=batch, shuffle=False)
 
 
-def _callback(side: str) -> list[pl.Callback]:
+def _callback(side: str, preservation_batch_size: int | None = None) -> list[pl.Callback]:
     if side == "float":
         return []
     if side == "quantizer":
         return [SafetyGuidedQuantization(preservation_size=0)]
-    return [SafetyGuidedQuantization(preservation_warmup_epochs=0, preservation_size=256, preservation_pool=1024)]
+    batch = {} if preservation_batch_size is None else {"preservation_batch_size": preservation_batch_size}
+    return [
+        SafetyGuidedQuantization(preservation_warmup_epochs=0, preservation_size=256, preservation_pool=1024, **batch)
+    ]
 
 
-def measure(name: str, steps: int, rounds: int, accelerator: str) -> dict[str, Any]:
+def measure(
+    name: str, steps: int, rounds: int, accelerator: str, preservation_batch_size: int | None = None
+) -> dict[str, Any]:
     modules = {}
     for side in SIDES:
         torch.manual_seed(0)
@@ -103,9 +108,8 @@ def measure(name: str, steps: int, rounds: int, accelerator: str) -> dict[str, A
             module, loader = modules[side]
             timer = timers[side]
             before = len(timer.times)
-            trainer = quiet_trainer(
-                1, [*_callback(side), timer], max_steps=steps, limit_val_batches=0, accelerator=accelerator
-            )
+            callbacks = [*_callback(side, preservation_batch_size), timer]
+            trainer = quiet_trainer(1, callbacks, max_steps=steps, limit_val_batches=0, accelerator=accelerator)
             trainer.fit(module, train_dataloaders=loader)
             del timer.times[before : before + 3]  # warm-up steps of each fit
     ms = {side: 1e3 * statistics.mean(timers[side].times) for side in SIDES}
@@ -165,13 +169,16 @@ def main() -> None:
     parser.add_argument("--models", default=None, help="comma-separated; default: the three example models")
     parser.add_argument("--scaling", action="store_true", help=f"models {SCALING}, with peak memory")
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument(
+        "--preservation-batch-size", type=int, default=None, help="default: the callback's; 16 is the text config's"
+    )
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     models = args.models or (SCALING if args.scaling else "digits_cnn,fashion_cnn,char_transformer")
     results = []
     for name in models.split(","):
-        r = measure(name, args.steps, args.rounds, args.accelerator)
+        r = measure(name, args.steps, args.rounds, args.accelerator, args.preservation_batch_size)
         if args.scaling:
             r["float_peak_mib"] = peak_memory(name, "float", args.steps, args.accelerator)
             r["sgsc_peak_mib"] = peak_memory(name, "sgsc", args.steps, args.accelerator)
@@ -184,6 +191,9 @@ def main() -> None:
         print(line, flush=True)
     device = torch.cuda.get_device_name(0) if args.accelerator == "gpu" else f"{platform.machine()} CPU"
     summary = {"device": device, "threads": torch.get_num_threads(), "steps": args.steps, "rounds": args.rounds}
+    summary["preservation_batch_size"] = (
+        args.preservation_batch_size or SafetyGuidedQuantization().preservation_batch_size
+    )
     print(json.dumps({**summary, "ratio": {r["model"]: r["ratio"] for r in results}, "results": results}))
 
 
