@@ -1,5 +1,6 @@
 import json
 import struct
+import zlib
 
 import pytest
 import torch
@@ -53,10 +54,11 @@ def test_file_size_is_the_estimate_plus_an_honest_header(tmp_path, factory, inpu
     path = tmp_path / "m.sgsc"
     nbytes = export_compressed(model, path)
     estimate = model_size(model).total_bytes
-    header = 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+    data = path.read_bytes()
+    header = 8 + struct.unpack("<Q", data[:8])[0] + len(_packed_header(data))
     assert nbytes == estimate + header  # every payload byte is accounted for by size.py
-    if factory is not TinyTransformer:  # the bound, for CNN-sized tensor counts (~100 header bytes/tensor)
-        assert nbytes <= 1.05 * estimate + 1024
+    assert nbytes <= 1.05 * estimate + 1024  # the bound, transformers included since the header is packed
+    assert header < len(json.dumps(_header(data), separators=(",", ":")))  # smaller than its own JSON: compressed
 
 
 def test_exporting_a_float_model_is_an_error_with_a_hint(tmp_path):
@@ -93,27 +95,70 @@ def test_truncated_foreign_and_wrong_version_files(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"weight": torch.zeros(3)}, str(tmp_path / "foreign"))
-    with pytest.raises(CompressedFormatError, match=r"one 'payload' tensor"):
+    with pytest.raises(CompressedFormatError, match=r"a 'header' and a 'payload' tensor"):
         load_compressed(tmp_path / "foreign", TinyConvNet())
     header = _header(data)
     header["version"] = 99
     (tmp_path / "v99").write_bytes(_with_header(data, header))
-    with pytest.raises(CompressedFormatError, match=r"`version` must be 1, got 99"):
+    with pytest.raises(CompressedFormatError, match=r"`version` must be 1 or 2, got 99"):
         load_compressed(tmp_path / "v99", TinyConvNet())
 
 
+def test_version_1_files_header_in_the_metadata_still_load(tmp_path):
+    from safetensors.torch import load, save_file
+
+    model = _compressed(TinyConvNet)
+    export_compressed(model, tmp_path / "v2.sgsc")
+    data = (tmp_path / "v2.sgsc").read_bytes()
+    header = {**_header(data), "version": 1}
+    save_file({"payload": load(data)["payload"]}, str(tmp_path / "v1.sgsc"), metadata={"sgsc": json.dumps(header)})
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(load_compressed(tmp_path / "v1.sgsc", TinyConvNet()).eval()(x), model.eval()(x))
+
+
+def test_a_header_that_inflates_without_bound_is_refused(tmp_path, monkeypatch):
+    import lightning_sgsc.export as export
+
+    path = tmp_path / "m.sgsc"
+    export_compressed(_compressed(TinyConvNet), path)
+    monkeypatch.setattr(export, "_MAX_HEADER_BYTES", 64)  # the real limit is 64 MiB; this header is ~300 bytes
+    with pytest.raises(CompressedFormatError, match=r"inflates beyond 64 bytes"):
+        load_compressed(path, TinyConvNet())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_corrupted_compressed_headers_only_raise_our_errors(tmp_path, artifact, data):
+    from safetensors.torch import load, save
+
+    packed = bytearray(_packed_header(artifact))
+    cut = data.draw(st.integers(1, len(packed)))
+    i = data.draw(st.integers(0, cut - 1))
+    packed[i] ^= data.draw(st.integers(0, 255))
+    tensors = {"header": torch.frombuffer(packed[:cut], dtype=torch.uint8), "payload": load(artifact)["payload"]}
+    path = tmp_path / "corrupt.sgsc"
+    path.write_bytes(save(tensors))
+    try:
+        load_compressed(path, TinyConvNet())
+    except SGSCError:
+        pass  # the only acceptable failure
+
+
+def _packed_header(data: bytes) -> bytes:
+    from safetensors.torch import load
+
+    return load(data)["header"].numpy().tobytes()
+
+
 def _header(data: bytes) -> dict:
-    n = struct.unpack("<Q", data[:8])[0]
-    return json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["sgsc"])
+    return json.loads(zlib.decompress(_packed_header(data)))
 
 
 def _with_header(data: bytes, header: dict) -> bytes:
-    n = struct.unpack("<Q", data[:8])[0]
-    outer = json.loads(data[8 : 8 + n])
-    outer["__metadata__"]["sgsc"] = json.dumps(header)
-    raw = json.dumps(outer).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+    from safetensors.torch import load, save
+
+    packed = zlib.compress(json.dumps(header).encode())
+    return save({"header": torch.frombuffer(bytearray(packed), dtype=torch.uint8), "payload": load(data)["payload"]})
 
 
 @pytest.fixture(scope="module")
