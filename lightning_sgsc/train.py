@@ -3,14 +3,14 @@
 ``train(cfg)`` is a plain function (tests and notebooks call it with a composed config); :func:`main` only wraps
 it with ``@hydra.main`` and returns the metric a sweeper optimises. Each run writes one JSON result:
 ``<results_dir>/<run_name>.json`` with the config, the test metric, the true exported bytes, bits per weight,
-pruned channels, training time and the hardware.
+pruned channels, training time and the hardware, and (compressed runs, ``export=true``) the exported artifact
+itself, ``<results_dir>/<run_name>.sgsc`` (reload it with :func:`lightning_sgsc.export.load_compressed`).
 """
 
 from __future__ import annotations
 
 import json
 import platform
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,9 +114,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             feedback=callback.history,
             preservation_metric=callback.history[-1]["metric"] if callback.history else None,
         )
-        if cfg.export:
-            with tempfile.TemporaryDirectory() as tmp:
-                result["file_bytes"] = export_compressed(net, Path(tmp) / "model.sgsc")
+        if cfg.export:  # the artifact itself, next to its result: what was measured is what the user ships
+            artifact = Path(cfg.results_dir) / f"{cfg.run_name}.sgsc"
+            artifact.parent.mkdir(parents=True, exist_ok=True)
+            result["file_bytes"] = export_compressed(net, artifact)
+            result["artifact"] = artifact.name
     else:
         result.update(bits_per_weight=32.0, file_bytes=float32_bytes(net), pruned_channels=0)
     out = Path(cfg.results_dir) / f"{cfg.run_name}.json"

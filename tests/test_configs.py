@@ -9,6 +9,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from lightning_sgsc.examples import FashionCNN
+from lightning_sgsc.export import load_compressed
 from lightning_sgsc.train import CONF_DIR, train
 from tests.helpers.data import write_mnist_like, write_names
 
@@ -82,6 +84,10 @@ def test_fashion_cnn_experiment_runs(tmp_path, variant):
         assert saved["feedback"] and {"restored", "kept_alive", "pruned", "metric"} <= set(saved["feedback"][0])
         assert saved["restored_channels"] == sum(e["restored"] for e in saved["feedback"])
         assert saved["kept_alive_channels"] == sum(e["kept_alive"] for e in saved["feedback"])
+        artifact = tmp_path / "results" / saved["artifact"]  # the measured file is kept, and it reloads
+        assert artifact.stat().st_size == saved["file_bytes"]
+        net = load_compressed(artifact, FashionCNN())
+        assert sum(p.numel() for p in net.parameters()) == 421_642
 
 
 @pytest.mark.slow
