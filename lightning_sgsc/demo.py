@@ -62,6 +62,7 @@ def _train(compress: bool, epochs: int, seed: int, lr: float) -> dict[str, Any]:
         "bits_per_weight": size.bits_per_weight if compress else 32.0,
         "zero_bit_channels": size.zero_bit_channels,
         "restores": sum(e["restored"] for e in callback.history) if callback else 0,
+        "kept_alive": sum(e["kept_alive"] for e in callback.history) if callback else 0,
         "train_seconds": seconds,
     }
 
@@ -80,6 +81,7 @@ def run(epochs: int = 40, seed: int = 0, lr: float = 3e-3) -> dict[str, Any]:
         "compressed_fraction": small["bytes"] / plain["bytes"],
         "zero_bit_channels": small["zero_bit_channels"],
         "restored_channels": small["restores"],
+        "kept_alive_channels": small["kept_alive"],
         "float_train_seconds": plain["train_seconds"],
         "compressed_train_seconds": small["train_seconds"],
         "epochs": epochs,

@@ -14,7 +14,8 @@ def test_demo_runs_end_to_end_and_writes_the_json(tmp_path, capsys):
     out = tmp_path / "demo.json"
     result = main(["--epochs", "2", "--json", str(out)])
     written = json.loads(out.read_text())
-    for key in ("float_acc", "compressed_acc", "float_bytes", "compressed_bytes", "bits_per_weight"):
+    keys = ("float_acc", "compressed_acc", "float_bytes", "compressed_bytes", "bits_per_weight", "kept_alive_channels")
+    for key in keys:
         assert key in written
     assert written["float_bytes"] == 24_360  # 6,090 float32 parameters
     assert 0 < written["compressed_bytes"] < written["float_bytes"]
