@@ -115,3 +115,10 @@ def test_pruning_size_counts_the_mask_the_int8_non_zeros_scales_and_biases():
         -(-layer.weight.numel() // 8) + 4 * layer.weight.shape[0] + 4 * layer.bias.numel() for layer in layers
     )
     assert nbytes == expected + nonzero and nonzero < n
+
+
+@pytest.mark.parametrize(("method", "bits"), [("sgsc", 8), ("sgsc_b4", 4), ("sgsc_b2", 2)])
+def test_each_variant_of_ours_starts_at_its_bit_depth_and_counts_as_ours(method, bits):
+    _, (callback,), _ = peers.build(method, 0.1)
+    assert callback.quant_config.init_bits == bits and callback.loss_weights.at(0)["bits"] == 0.1
+    assert peers.is_ours(method) and not peers.is_ours("paper")

@@ -6,8 +6,8 @@ Every method trains the same ``FashionCNN`` from the same seed on the same Fashi
 training images, batch 64, AdamW 1e-3, ``--steps`` steps) and is scored on the 10,000 test images. Sizes are true
 bytes of what a user would ship:
 
-* ``sgsc`` (ours, at several ``bit_weight``, ``b`` starting at 8) and ``sgsc_b2`` (ours, ``b`` starting at 2, the
-  front of the hyperparameter sweep): the file :func:`lightning_sgsc.export_compressed` writes.
+* ``sgsc`` (ours, at several ``bit_weight``, ``b`` starting at 8), ``sgsc_b4`` and ``sgsc_b2`` (``b`` starting at
+  4 and 2; 2 is the front of the hyperparameter sweep): the file :func:`lightning_sgsc.export_compressed` writes.
 * ``paper``: the safety-guided paper's original recipe on our quantizer: ``b`` starts at 32 and ``e`` at -8,
   bit-depth weight γ, restores chosen at random instead of by Taylor score; sized by the same exporter (which stores
   each channel at the bits its integers need, so a channel whose ``b`` stayed at 22 but whose integers fit 9 bits
@@ -60,12 +60,14 @@ from summarize import pareto_front
 FLOAT32_BYTES = 4 * 421_642
 SETTINGS: dict[str, list[float]] = {
     "sgsc": [0.1, 0.5, 2.0],  # bit_weight, init_bits 8 (the default)
+    "sgsc_b4": [0.05],  # bit_weight, init_bits 4
     "sgsc_b2": [0.1, 0.5],  # bit_weight, init_bits 2
     "paper": [0.1, 1.0],  # bit_weight (gamma): the recipe's 0.1 and a larger one
     "diffq": [0.5, 2.0, 10.0],  # λ per MB
     "brevitas": [8, 4, 2],  # bits
     "pruning": [0.5, 0.8, 0.95],  # final sparsity
 }
+OURS_INIT_BITS = {"sgsc": 8, "sgsc_b4": 4, "sgsc_b2": 2}  # where b starts, per variant of ours
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -225,8 +227,8 @@ def _pruning(setting: float) -> tuple[pl.LightningModule, list[pl.Callback], Cal
 
 
 def build(method: str, setting: float) -> tuple[pl.LightningModule, list[pl.Callback], Callable[..., int]]:
-    if method in ("sgsc", "sgsc_b2", "paper"):
-        return _ours(setting, paper=method == "paper", init_bits=2 if method == "sgsc_b2" else 8)
+    if method in OURS_INIT_BITS or method == "paper":
+        return _ours(setting, paper=method == "paper", init_bits=OURS_INIT_BITS.get(method, 8))
     return {"diffq": _diffq, "brevitas": _brevitas, "pruning": _pruning}[method](setting)
 
 
