@@ -43,12 +43,9 @@ def test_fractional_bits_clamp_then_round_stays_integer_and_in_range():
     assert bool((q >= torch.round(-half)[:, None]).all()) and bool((q <= torch.round(half - 1)[:, None]).all())
 
 
-def test_gradients_match_the_paper_ste_formulation():
-    torch.manual_seed(2)
-    w = (3 * torch.randn(4, 3, 3, 3)).requires_grad_()
-    b = torch.tensor([2.0, 3.5, 5.0, 1.2], requires_grad=True)
-    e = torch.tensor([-1.0, -0.5, -2.0, 0.3], requires_grad=True)
-    g = torch.randn(4, 3, 3, 3)
+def _gradients_match_ste(w, b, e):
+    """Backpropagates the same upstream gradient through ours and the paper's STE; returns ours (w, b, e grads)."""
+    g = torch.randn(w.shape)
     (quantize(w, b, e) * g).sum().backward()
     ours = (w.grad.clone(), b.grad.clone(), e.grad.clone())
     for t in (w, b, e):
@@ -56,6 +53,15 @@ def test_gradients_match_the_paper_ste_formulation():
     (ste_reference(w, b, e) * g).sum().backward()
     for a, r in zip(ours, (w.grad, b.grad, e.grad), strict=True):
         assert_close(a, r, atol=1e-5, rtol=1e-5)
+    return ours
+
+
+def test_gradients_match_the_paper_ste_formulation():
+    torch.manual_seed(2)
+    w = (3 * torch.randn(4, 3, 3, 3)).requires_grad_()
+    b = torch.tensor([2.0, 3.5, 5.0, 1.2], requires_grad=True)
+    e = torch.tensor([-1.0, -0.5, -2.0, 0.3], requires_grad=True)
+    ours = _gradients_match_ste(w, b, e)
     assert bool((ours[1] != 0).all()), "every channel clips here, so every b receives gradient"
 
 
@@ -129,14 +135,8 @@ def test_backward_keeps_no_weight_sized_tensor_but_the_weight():
 
 
 def test_gradients_of_a_one_dimensional_weight_are_per_element():
+    torch.manual_seed(3)
     w = (3 * torch.randn(6)).requires_grad_()
     b = torch.tensor([2.0, 3.0, 1.5, 4.0, 2.0, 0.5], requires_grad=True)
     e = torch.tensor([-1.0, 0.0, -0.5, -2.0, 1.0, -1.0], requires_grad=True)
-    g = torch.randn(6)
-    (quantize(w, b, e) * g).sum().backward()
-    ours = (w.grad.clone(), b.grad.clone(), e.grad.clone())
-    for t in (w, b, e):
-        t.grad = None
-    (ste_reference(w, b, e) * g).sum().backward()
-    for a, r in zip(ours, (w.grad, b.grad, e.grad), strict=True):
-        assert_close(a, r, atol=1e-5, rtol=1e-5)
+    _gradients_match_ste(w, b, e)
