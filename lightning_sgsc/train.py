@@ -102,6 +102,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "hardware": _hardware(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    results_dir = Path(cfg.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
     if callback is not None:
         size = model_size(net)
         result.update(
@@ -115,15 +117,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             preservation_metric=callback.history[-1]["metric"] if callback.history else None,
         )
         if cfg.export:  # the artifact itself, next to its result: what was measured is what the user ships
-            artifact = Path(cfg.results_dir) / f"{cfg.run_name}.sgsc"
-            artifact.parent.mkdir(parents=True, exist_ok=True)
+            artifact = results_dir / f"{cfg.run_name}.sgsc"
             result["file_bytes"] = export_compressed(net, artifact)
             result["artifact"] = artifact.name
     else:
         result.update(bits_per_weight=32.0, file_bytes=float32_bytes(net), pruned_channels=0)
-    out = Path(cfg.results_dir) / f"{cfg.run_name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    (results_dir / f"{cfg.run_name}.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
