@@ -2,10 +2,11 @@
 
 import os
 
+import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.callbacks import Callback
 
-from lightning_sgsc import SafetyGuidedQuantization
+from lightning_sgsc import SafetyGuidedQuantization, model_size
 from lightning_sgsc.examples import ClassifierModule, DigitsCNN, DigitsDataModule
 from tests.helpers.models import cpu_trainer
 
@@ -38,9 +39,13 @@ def test_twenty_aggressive_epochs_keep_memory_flat(tmp_path):
     )
     memory = Memory()
     trainer = cpu_trainer(tmp_path, [cb, memory], max_epochs=20, limit_train_batches=None, limit_val_batches=None)
-    trainer.fit(ClassifierModule(DigitsCNN(), lr=3e-3), DigitsDataModule())
+    pl.seed_everything(0, verbose=False)  # the same run whatever ran before it in the session
+    module = ClassifierModule(DigitsCNN(), lr=3e-3)
+    trainer.fit(module, DigitsDataModule())
     after = memory.rss[2:]
     assert max(after) <= 1.10 * min(after), [r // 2**20 for r in memory.rss]
     assert len(cb.history) == 5 and cb.history[-1]["epoch"] == 19  # bounded, newest kept
     assert len(cb.preservation_set) == 256  # the set does not grow
-    assert sum(e["restored"] for e in cb.history) + sum(e["pruned"] for e in cb.history) > 0
+    # the loop acted: channels were pruned for good (counted on the model: the bounded history may show only the
+    # last, quiet checks)
+    assert model_size(module).pruned_channels > 0
