@@ -288,7 +288,7 @@ def _test_accuracy(module: pl.LightningModule, data: pl.LightningDataModule) -> 
 
 
 def is_ours(method: str) -> bool:
-    return method.startswith("sgsc")
+    return method in OURS_INIT_BITS
 
 
 def dominated_check(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
