@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from lightning_sgsc import __version__
 from lightning_sgsc.errors import SGSCError, SGSCRuntimeError, SGSCValueError, describe_rule
 from lightning_sgsc.packing import pack, packed_nbytes, unpack
-from lightning_sgsc.quant.functional import required_bits
+from lightning_sgsc.quant.functional import pow2, required_bits
 from lightning_sgsc.quant.modules import quantized_layers
 
 FORMAT = "lightning-sgsc"
@@ -97,7 +97,7 @@ def export_compressed(model: nn.Module, path: str | Path) -> int:
         q = layer.integer_weight()
         bits = required_bits(q)
         kept = bits > 0
-        scale = torch.exp2(layer.exponent.detach().float())[kept]
+        scale = pow2(layer.exponent.detach().float())[kept]
         region = np.concatenate([bits.to(torch.uint8).numpy(), _tensor_bytes(scale), pack(q, bits)])
         entries.append(
             {

@@ -58,7 +58,13 @@ class QuantizedLayer:
 
     def _versions(self) -> tuple[int, int, int, int]:
         """In-place modification counters of the tensors the quantized weight depends on."""
-        return (self.weight._version, self.bits._version, self.exponent._version, self.pruned._version)
+        params = self._parameters  # type: ignore[attr-defined]  # direct reads: this runs every forward
+        return (
+            params["weight"]._version,
+            params["bits"]._version,
+            params["exponent"]._version,
+            self._buffers["pruned"]._version,
+        )  # type: ignore[attr-defined]
 
     def quantized_weight(self) -> Tensor:
         """The weight the layer computes with: quantized at the current ``bits``/``exponent``, differentiable.

@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_sgsc import SafetyGuidedQuantization
 from lightning_sgsc.losses import bits_per_weight
-from lightning_sgsc.quant import functional
+from lightning_sgsc.quant import functional, fused
 from lightning_sgsc.quant.fused import FusedQuantizer
 from lightning_sgsc.quant.modules import quantized_layers
 from lightning_sgsc.quant.swap import quantize_
@@ -77,17 +77,18 @@ def test_fused_step_matches_per_layer_quantizers(make):
 
 def test_the_step_quantizes_once_for_every_forward(monkeypatch):
     model = _randomised(TwoSameFanIn())
-    calls = []
+    per_layer, fused_calls = [], []
     original = functional._Quantize.apply
-    monkeypatch.setattr(functional._Quantize, "apply", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(functional._Quantize, "apply", lambda *a: per_layer.append(1) or original(*a))
+    original_fused = fused._FusedQuantize.apply
+    monkeypatch.setattr(fused._FusedQuantize, "apply", lambda *a: fused_calls.append(1) or original_fused(*a))
     fq = FusedQuantizer([m for _, m in quantized_layers(model)])
     with fq.step():
         for _ in range(3):
             model(torch.randn(2, 8))
-    assert len(calls) == 2  # one call per fan-in group (8 and 11), not 3 layers x 3 forwards
-    calls.clear()
+    assert (len(fused_calls), len(per_layer)) == (1, 0)  # one call for all layers, not 3 layers x 3 forwards
     model(torch.randn(2, 8))  # outside the step: each layer quantizes itself again
-    assert len(calls) == 3
+    assert (len(fused_calls), len(per_layer)) == (1, 3)
 
 
 def test_a_tensor_changed_inside_the_step_falls_back_to_its_own_quantizer():
