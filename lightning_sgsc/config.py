@@ -71,14 +71,20 @@ class QuantizationConfig:
         init_bits: starting bit depth of every channel, 2 to 16.
         include: fnmatch patterns of layer names to swap (default: every Conv1d/Conv2d/Linear).
         exclude: fnmatch patterns of layer names to keep in float.
+        init_headroom: bits of room above each channel's largest weight at the start, 0 to ``init_bits - 2``
+            (``None``: 2, or ``init_bits - 2`` if less).
     """
 
     init_bits: float = 8.0
     include: Sequence[str] | None = None
     exclude: Sequence[str] | None = None
+    init_headroom: float | None = None
 
     def __post_init__(self) -> None:
         _number("init_bits", self.init_bits, 2, 16)
+        from lightning_sgsc.quant.modules import resolve_headroom
+
+        resolve_headroom(self.init_bits, self.init_headroom)
         for arg in ("include", "exclude"):
             value = getattr(self, arg)
             if value is not None and (isinstance(value, str) or not all(isinstance(p, str) for p in value)):

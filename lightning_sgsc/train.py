@@ -34,6 +34,7 @@ class SGSCSchema:
     enabled: bool = True
     variant: str = "safe"
     init_bits: float = 8.0
+    init_headroom: float | None = None
     include: list[str] | None = None
     exclude: list[str] | None = None
     l1_weight: float = 0.0

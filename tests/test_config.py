@@ -11,6 +11,8 @@ OK = [
     {},  # OK
     {"init_bits": 2},  # OK
     {"init_bits": 16.0},  # OK
+    {"init_bits": 2, "init_headroom": 0},  # OK
+    {"init_bits": 8, "init_headroom": 6},  # OK: the most room at 8 bits
     {"bit_weight": lambda epoch: 0.1 * epoch},  # OK: schedules
     {"preservation_weight": 0.0, "preservation_size": 0},  # OK: no preservation at all
     {"preservation_data": blob_data(8)},  # OK
@@ -22,6 +24,11 @@ OK = [
 BAD = [
     ({"init_bits": 1}, SGSCValueError, r"`init_bits` must be in \[2, 16\], got 1\."),
     ({"init_bits": 32}, SGSCValueError, r"`init_bits` must be in \[2, 16\], got 32\."),
+    (
+        {"init_bits": 4, "init_headroom": 3},
+        SGSCValueError,
+        r"`init_headroom` must be a number from 0 to init_bits - 2 = 2 \(or None\), got 3\.",
+    ),
     ({"l1_weight": -0.1}, SGSCValueError, r"`l1_weight` must be in \[0, inf\), got -0.1\."),
     ({"bit_weight": -1}, SGSCValueError, r"`bit_weight` must be in \[0, inf\), got -1\."),
     ({"preservation_weight": -2.0}, SGSCValueError, r"`preservation_weight` must be in \[0, inf\), got -2.0\."),

@@ -202,14 +202,16 @@ def _bit_length(v: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def init_exponent(weight: Tensor, bits: float | Tensor) -> Tensor:
+def init_exponent(weight: Tensor, bits: float | Tensor, headroom: float = 0.0) -> Tensor:
     """The per-channel exponent at which no weight of a channel is clipped at ``bits`` bits.
 
-    The largest magnitude maps onto the positive bound ``2^(b-1) - 1``; a tiny margin keeps float rounding from
-    clipping it. Requires ``bits >= 2`` (at 1 bit the positive bound is 0).
+    The largest magnitude maps onto the positive bound ``2^(b-1) - 1`` divided by ``2^headroom``; a tiny margin
+    keeps float rounding from clipping it. ``headroom`` bits of room let weights grow (as they do early in
+    training) before they clip, at a step ``2^headroom`` times coarser. Requires ``bits >= 2`` (at 1 bit the
+    positive bound is 0).
     """
     flat = weight.detach().float().reshape(weight.shape[0], -1)
     max_abs = flat.abs().amax(dim=1).clamp_min(1e-12)
     bits_t = torch.as_tensor(bits, dtype=torch.float32, device=weight.device)
     hi = torch.exp2(bits_t - 1.0) - 1.0
-    return torch.log2(max_abs / hi) + 1e-6
+    return torch.log2(max_abs / hi) + (float(headroom) + 1e-6)

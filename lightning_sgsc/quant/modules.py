@@ -23,6 +23,30 @@ from lightning_sgsc.quant.functional import effective_bits, init_exponent, quant
 
 MIN_INIT_BITS = 2.0
 MAX_INIT_BITS = 16.0
+DEFAULT_HEADROOM = 2.0
+
+
+def resolve_headroom(init_bits: float, init_headroom: float | None) -> float:
+    """``init_headroom``, or for ``None`` the default: 2 bits, or ``init_bits - 2`` when that is less (a 2-bit
+    start has no room to spare: with any headroom its largest weights would round to zero).
+
+    Raises:
+        SGSCValueError: ``init_headroom`` is not a number from 0 to ``init_bits - 2``.
+    """
+    from lightning_sgsc.errors import SGSCValueError, describe_rule
+
+    limit = float(init_bits) - MIN_INIT_BITS
+    if init_headroom is None:
+        return min(DEFAULT_HEADROOM, limit)
+    if (
+        isinstance(init_headroom, bool)
+        or not isinstance(init_headroom, (int, float))
+        or not 0 <= init_headroom <= limit
+    ):
+        raise SGSCValueError(
+            describe_rule("init_headroom", f"a number from 0 to init_bits - 2 = {limit:g} (or None)", init_headroom)
+        )
+    return float(init_headroom)
 
 
 class QuantizedLayer:
@@ -35,12 +59,12 @@ class QuantizedLayer:
     exponent: nn.Parameter
     pruned: Tensor
 
-    def _init_quantizer(self, init_bits: float) -> None:
+    def _init_quantizer(self, init_bits: float, headroom: float) -> None:
         w = self.weight
         n = w.shape[0]
         module: nn.Module = self  # type: ignore[assignment]
         module.bits = nn.Parameter(torch.full((n,), float(init_bits), device=w.device, dtype=torch.float32))
-        module.exponent = nn.Parameter(init_exponent(w, float(init_bits)).to(w.device))
+        module.exponent = nn.Parameter(init_exponent(w, float(init_bits), headroom).to(w.device))
         module.register_buffer("pruned", torch.zeros(n, dtype=torch.bool, device=w.device))
 
     @property
@@ -91,17 +115,21 @@ class QuantizedLayer:
         return quantize_int(self.weight, self.bits, self.exponent, self.pruned)
 
     @classmethod
-    def from_float(cls, module: nn.Module, init_bits: float = 8.0) -> QuantizedLayer:
+    def from_float(
+        cls, module: nn.Module, init_bits: float = 8.0, init_headroom: float | None = None
+    ) -> QuantizedLayer:
         """Builds the twin of ``module``, sharing its ``weight`` and ``bias`` Parameters.
 
         Args:
             module: an instance of exactly ``cls.float_cls`` (subclasses with their own ``forward`` are refused,
                 since the twin would drop that forward).
             init_bits: starting bit depth of every channel, from 2 to 16.
+            init_headroom: bits of room above each channel's largest weight at the start (see
+                :func:`resolve_headroom`; ``None``: 2, or ``init_bits - 2`` if less).
 
         Raises:
             SGSCTypeError: ``module`` is not a plain ``cls.float_cls``.
-            SGSCValueError: ``init_bits`` is outside 2–16.
+            SGSCValueError: ``init_bits`` is outside 2–16, or ``init_headroom`` outside 0 to ``init_bits - 2``.
         """
         from lightning_sgsc.errors import SGSCTypeError, SGSCValueError, describe_rule
 
@@ -109,9 +137,10 @@ class QuantizedLayer:
             raise SGSCTypeError(describe_rule("module", f"an instance of {cls.float_cls.__name__}", type(module)))
         if not isinstance(init_bits, (int, float)) or not MIN_INIT_BITS <= float(init_bits) <= MAX_INIT_BITS:
             raise SGSCValueError(describe_rule("init_bits", "a number from 2 to 16", init_bits))
+        headroom = resolve_headroom(float(init_bits), init_headroom)
         twin = cls.__new__(cls)
         _copy_module_state(module, twin)  # type: ignore[arg-type]
-        twin._init_quantizer(float(init_bits))
+        twin._init_quantizer(float(init_bits), headroom)
         return twin
 
     def to_float(self, bake: bool = True) -> nn.Module:

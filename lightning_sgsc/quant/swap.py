@@ -84,6 +84,7 @@ def quantize_(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     filter_fn: FilterFn | None = None,
+    init_headroom: float | None = None,
 ) -> list[str]:
     """Replaces the chosen float layers of ``model`` by quantized twins, in place.
 
@@ -96,6 +97,8 @@ def quantize_(
         include: fnmatch patterns over fully qualified names; only matching layers are swapped. Default: all.
         exclude: fnmatch patterns of layers to leave in float.
         filter_fn: ``filter_fn(module, fqn) -> bool``, a further choice after the patterns.
+        init_headroom: bits of room above each channel's largest weight at the start, so weights that grow early
+            in training are not clipped (``None``: 2, or ``init_bits - 2`` if less; 0 to ``init_bits - 2``).
 
     Returns:
         The fully qualified names of the swapped layers.
@@ -109,7 +112,7 @@ def quantize_(
     names = select_layers(model, include, exclude, filter_fn)
     for name in names:
         module = model.get_submodule(name)
-        _set_submodule(model, name, TWIN_FOR[type(module)].from_float(module, init_bits))
+        _set_submodule(model, name, TWIN_FOR[type(module)].from_float(module, init_bits, init_headroom))
     return names
 
 

@@ -19,7 +19,7 @@ def test_from_float_shares_parameters_and_starts_close(make, twin_cls, shape):
     layer = make()
     x = torch.randn(shape)
     ref = layer(x)
-    twin = twin_cls.from_float(layer, init_bits=8)
+    twin = twin_cls.from_float(layer, init_bits=8, init_headroom=0)
     assert isinstance(twin, type(layer)) and isinstance(twin, twin_cls)
     assert twin.weight is layer.weight and twin.bias is layer.bias  # shared, not copied
     assert twin.bits.shape == twin.exponent.shape == twin.pruned.shape == (5,)
@@ -64,6 +64,30 @@ def test_gradients_reach_weight_bits_and_exponent():
 def test_init_bits_outside_2_to_16_is_an_error(bad):
     with pytest.raises(SGSCValueError, match=r"`init_bits` must be a number from 2 to 16, got"):
         QuantLinear.from_float(nn.Linear(2, 2), init_bits=bad)
+
+
+@pytest.mark.parametrize(
+    ("bits", "headroom", "top"), [(8, None, 32), (8, 0, 127), (8, 3, 16), (4, None, 2), (2, None, 1)]
+)
+def test_headroom_leaves_room_above_the_largest_weight(bits, headroom, top):
+    # The largest |w| of each channel lands on (2^(b-1) - 1) / 2^headroom; the default headroom is 2 bits, or
+    # init_bits - 2 when that is less, so a 2-bit start still maps its largest weights onto a nonzero integer.
+    torch.manual_seed(4)
+    twin = QuantLinear.from_float(nn.Linear(16, 6), init_bits=bits, init_headroom=headroom)
+    largest = twin.integer_weight().abs().amax(dim=1)
+    assert largest.tolist() == [top] * 6
+    with torch.no_grad():
+        twin.weight.mul_(3.0)  # weights that grew threefold: clipped without room, still exact with 2 bits of it
+    clipped = bool((twin.integer_weight().abs() >= 2 ** (bits - 1) - 1).any())
+    assert clipped == (top * 3 > 2 ** (bits - 1) - 1)
+
+
+@pytest.mark.parametrize("bad", [-1, 6.5, "2", True])
+def test_headroom_outside_0_to_init_bits_minus_2_is_an_error(bad):
+    with pytest.raises(
+        SGSCValueError, match=r"`init_headroom` must be a number from 0 to init_bits - 2 = 6 \(or None\), got"
+    ):
+        QuantLinear.from_float(nn.Linear(2, 2), init_bits=8, init_headroom=bad)
 
 
 def test_from_float_refuses_other_types():
