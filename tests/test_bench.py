@@ -54,7 +54,8 @@ def test_overhead_sides_use_the_callback_defaults_unless_a_preservation_batch_is
 
 
 @pytest.mark.slow
-def test_peers_runs_every_method_it_can_import_and_checks_the_front(tmp_path):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_peers_runs_every_method_it_can_import_and_checks_the_front(tmp_path, jobs):
     out = subprocess.run(
         [
             sys.executable,
@@ -67,15 +68,19 @@ def test_peers_runs_every_method_it_can_import_and_checks_the_front(tmp_path):
             "sgsc,paper,pruning",
             "--out",
             str(tmp_path),
+            "--jobs",
+            str(jobs),
         ],
         cwd=ROOT,
         check=True,
         capture_output=True,
         text=True,
     )
-    assert _last_json(out.stdout)["points"] == 3 + 2 + 3
+    assert _last_json(out.stdout)["points"] == len(peers.SETTINGS["sgsc"]) + 2 + 3
     saved = json.loads((tmp_path / "peers.json").read_text())
-    assert {r["method"] for r in saved["results"]} == {"sgsc", "paper", "pruning"}
+    assert [r["method"] for r in saved["results"]] == ["sgsc"] * len(peers.SETTINGS["sgsc"]) + ["paper"] * 2 + [
+        "pruning"
+    ] * 3
     assert len(saved["checks"]) == 5  # one per peer point
     assert (tmp_path / "peers.png").stat().st_size > 0 and "| pruning | 0.95 |" in (tmp_path / "peers.md").read_text()
 
