@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lightning_sgsc.losses import bits_per_weight
 from lightning_sgsc.quant.functional import _quantize_backward, _quantize_forward, _Steps
 from lightning_sgsc.quant.modules import QuantizedLayer
 
@@ -163,8 +164,8 @@ class _FusedQuantize(torch.autograd.Function):
         bits, exponent, pruned = (torch.cat([tensors[k * n + i] for i in plan.order]) for k in range(3))
         weights = tensors[3 * n :]
         bits = bits.float()
-        # d max(b, 0) / db passes where b >= 0 (as clamp_min's gradient does), never for pruned channels
-        open_ = (bits >= 0).logical_and_(pruned.logical_not()).float()
+        # d max(b, 0) / db is 1 where b > 0 (as clamp_min's gradient), never for pruned channels
+        open_ = (bits > 0).logical_and_(pruned.logical_not()).float()
         effective = bits.clamp_min(0.0).mul_(open_)
         steps = _Steps.of(effective, exponent.float())
         out: list[Tensor | None] = [None] * len(weights)
@@ -237,11 +238,11 @@ class FusedQuantizer:
         return self._plan
 
     def bits_per_weight(self) -> Tensor:
-        """Same value as :func:`lightning_sgsc.losses.bits_per_weight` over these layers; inside :meth:`step` the
-        step's own (computed with the quantized weights, one graph node for both)."""
+        """:func:`lightning_sgsc.losses.bits_per_weight` over these layers; inside :meth:`step` the step's own
+        (computed with the quantized weights, one graph node for both)."""
         if self._step_bpw is not None:
             return self._step_bpw
-        return self.quantize_all()[0]
+        return bits_per_weight(self.layers)
 
     def quantize_all(self) -> tuple[Tensor, list[Tensor]]:
         """``(bits per weight, every layer's quantized weight)`` (float32, each layer's shape) from one autograd

@@ -18,7 +18,8 @@ from tests.helpers.models import TinyClassifier, TinyConvNet, TinyMLP, TinyTrans
 
 
 def _randomised(model: nn.Module) -> nn.Module:
-    """Bits spread over -1..5 (some channels at zero), shifted exponents, one pruned channel."""
+    """Bits spread over -1..5 (some channels below zero, one exactly at zero), shifted exponents, one pruned
+    channel."""
     torch.manual_seed(1)
     quantize_(model, init_bits=4)
     layers = [m for _, m in quantized_layers(model)]
@@ -27,6 +28,8 @@ def _randomised(model: nn.Module) -> nn.Module:
             layer.bits.uniform_(-1.0, 5.0)
             layer.exponent.add_(0.5 * torch.randn_like(layer.exponent))
     layers[0].pruned[0] = True
+    with torch.no_grad():
+        layers[-1].bits[0] = 0.0  # max(b, 0) passes no gradient at exactly 0 (as clamp_min's backward)
     return model
 
 
