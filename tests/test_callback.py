@@ -49,6 +49,15 @@ def test_layers_are_swapped_in_setup_and_b_e_get_their_own_param_group(tmp_path)
     assert not torch.equal(snap.after["exponent"], snap.before["exponent"])
 
 
+@pytest.mark.parametrize(("headroom", "top"), [(None, 32), (0, 127), (3, 16)])
+def test_the_swap_leaves_the_chosen_headroom(headroom, top):
+    # The largest weight of every channel lands at (2^7 - 1) / 2^headroom: 2 bits of room by default at 8 bits.
+    model = TinyClassifier()
+    SafetyGuidedQuantization(init_bits=8, init_headroom=headroom).setup(None, model, "fit")  # type: ignore[arg-type]
+    for _, layer in quantized_layers(model):
+        assert layer.integer_weight().flatten(1).abs().amax(1).tolist() == [top] * layer.out_channels_
+
+
 def test_adamw_weight_decay_does_not_touch_b_and_e(tmp_path):
     # No gradient reaches b or e (no size penalty, nothing clips at init, lr tiny): any change would be decay.
     model = TinyClassifier(lr=1e-9, weight_decay=1.0)
