@@ -82,13 +82,11 @@ class QuantizedLayer:
 
     def _versions(self) -> tuple[int, int, int, int]:
         """In-place modification counters of the tensors the quantized weight depends on."""
-        params = self._parameters  # type: ignore[attr-defined]  # direct reads: this runs every forward
-        return (
-            params["weight"]._version,
-            params["bits"]._version,
-            params["exponent"]._version,
-            self._buffers["pruned"]._version,
-        )  # type: ignore[attr-defined]
+        module: nn.Module = self  # type: ignore[assignment]
+        params, buffers = module._parameters, module._buffers  # direct reads: this runs on every forward
+        weight, bits, exponent = params["weight"], params["bits"], params["exponent"]
+        assert weight is not None and bits is not None and exponent is not None
+        return (weight._version, bits._version, exponent._version, buffers["pruned"]._version)  # type: ignore[union-attr]
 
     def quantized_weight(self) -> Tensor:
         """The weight the layer computes with: quantized at the current ``bits``/``exponent``, differentiable.
