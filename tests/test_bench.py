@@ -122,8 +122,11 @@ def test_pruning_size_counts_the_mask_the_int8_non_zeros_scales_and_biases():
     assert nbytes == expected + nonzero and nonzero < n
 
 
-@pytest.mark.parametrize(("method", "bits"), [("sgsc", 8), ("sgsc_b4", 4), ("sgsc_b2", 2)])
-def test_each_variant_of_ours_starts_at_its_bit_depth_and_counts_as_ours(method, bits):
+@pytest.mark.parametrize(
+    ("method", "bits", "headroom"), [("sgsc", 8, None), ("sgsc_h3", 8, 3), ("sgsc_b4", 4, None), ("sgsc_b2", 2, None)]
+)
+def test_each_variant_of_ours_starts_at_its_bit_depth_and_counts_as_ours(method, bits, headroom):
     _, (callback,), _ = peers.build(method, 0.1)
     assert callback.quant_config.init_bits == bits and callback.loss_weights.at(0)["bits"] == 0.1
+    assert callback.quant_config.init_headroom == headroom
     assert peers.is_ours(method) and not peers.is_ours("paper")

@@ -8,8 +8,9 @@ training images, batch 64, AdamW 1e-3, ``--steps`` steps) and is scored on the 1
 bytes of what a user would ship:
 
 * ``sgsc`` (ours at its defaults, several ``bit_weight``, ``b`` starting at 8 with 2 bits of headroom),
-  ``sgsc_b4`` and ``sgsc_b2`` (``b`` starting at 4 and 2, headroom 2 and 0; 2 bits is the front of the
-  hyperparameter sweep): the file :func:`lightning_sgsc.export_compressed` writes.
+  ``sgsc_h3`` (the same with 3 bits of headroom), ``sgsc_b4`` and ``sgsc_b2`` (``b`` starting at 4 and 2,
+  headroom 2 and 0; 2 bits is the front of the hyperparameter sweep): the file
+  :func:`lightning_sgsc.export_compressed` writes.
 * ``paper``: the safety-guided paper's original recipe on our quantizer: ``b`` starts at 32 and ``e`` at -8,
   bit-depth weight γ, restores chosen at random instead of by Taylor score; sized by the same exporter (which stores
   each channel at the bits its integers need, so a channel whose ``b`` stayed at 22 but whose integers fit 9 bits
@@ -64,6 +65,7 @@ from summarize import pareto_front
 FLOAT32_BYTES = 4 * 421_642
 SETTINGS: dict[str, list[float]] = {
     "sgsc": [0.02, 0.05, 0.1, 0.5],  # bit_weight, init_bits 8 (the default)
+    "sgsc_h3": [0.02, 0.05],  # bit_weight, init_bits 8, 3 bits of headroom
     "sgsc_b4": [0.05],  # bit_weight, init_bits 4
     "sgsc_b2": [0.1, 0.5],  # bit_weight, init_bits 2
     "paper": [0.1, 1.0],  # bit_weight (gamma): the recipe's 0.1 and a larger one
@@ -71,7 +73,12 @@ SETTINGS: dict[str, list[float]] = {
     "brevitas": [8, 4, 2],  # bits
     "pruning": [0.5, 0.8, 0.95],  # final sparsity
 }
-OURS_INIT_BITS = {"sgsc": 8, "sgsc_b4": 4, "sgsc_b2": 2}  # where b starts, per variant of ours
+OURS: dict[str, dict[str, Any]] = {  # the variants of ours: the callback's arguments besides bit_weight and seed
+    "sgsc": {},
+    "sgsc_h3": {"init_headroom": 3},
+    "sgsc_b4": {"init_bits": 4},
+    "sgsc_b2": {"init_bits": 2},
+}
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -129,11 +136,11 @@ class RandomRestores(SafetyGuidedQuantization):
 
 
 def _ours(
-    setting: float, paper: bool, init_bits: int = 8
+    setting: float, paper: bool, **kwargs: Any
 ) -> tuple[ClassifierModule, list[pl.Callback], Callable[..., int]]:
     module = ClassifierModule(FashionCNN())
     kind = RandomRestores if paper else SafetyGuidedQuantization
-    callback = kind(bit_weight=setting, seed=0, **({} if paper else {"init_bits": init_bits}))
+    callback = kind(bit_weight=setting, seed=0, **kwargs)
 
     def size(model: ClassifierModule) -> int:
         with tempfile.TemporaryDirectory() as tmp:
@@ -231,8 +238,8 @@ def _pruning(setting: float) -> tuple[pl.LightningModule, list[pl.Callback], Cal
 
 
 def build(method: str, setting: float) -> tuple[pl.LightningModule, list[pl.Callback], Callable[..., int]]:
-    if method in OURS_INIT_BITS or method == "paper":
-        return _ours(setting, paper=method == "paper", init_bits=OURS_INIT_BITS.get(method, 8))
+    if method in OURS or method == "paper":
+        return _ours(setting, paper=method == "paper", **OURS.get(method, {}))
     return {"diffq": _diffq, "brevitas": _brevitas, "pruning": _pruning}[method](setting)
 
 
@@ -301,7 +308,7 @@ def _run_in_worker(job: tuple[str, float, str, int, int]) -> dict[str, Any]:
 
 
 def is_ours(method: str) -> bool:
-    return method in OURS_INIT_BITS
+    return method in OURS
 
 
 def dominated_check(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
