@@ -135,9 +135,7 @@ class RandomRestores(SafetyGuidedQuantization):
         return {name: torch.rand(layer.out_channels_, generator=g) for name, layer in quantized_layers(pl_module)}
 
 
-def _ours(
-    setting: float, paper: bool, **kwargs: Any
-) -> tuple[ClassifierModule, list[pl.Callback], Callable[..., int]]:
+def _ours(setting: float, paper: bool, **kwargs: Any) -> tuple[ClassifierModule, list[pl.Callback], Callable[..., int]]:
     module = ClassifierModule(FashionCNN())
     kind = RandomRestores if paper else SafetyGuidedQuantization
     callback = kind(bit_weight=setting, seed=0, **kwargs)
