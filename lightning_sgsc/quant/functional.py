@@ -75,15 +75,21 @@ class _Steps(NamedTuple):
         return _Steps(*(_channel_view(v, weight) for v in self))
 
 
-def _quantize_forward(weight: Tensor, steps: _Steps) -> Tensor:
-    """``2^e * round(clamp(2^-e w, -2^(b-1), 2^(b-1) - 1))``.
+def _integers(weight: Tensor, steps: _Steps) -> Tensor:
+    """``round(clamp(2^-e w, -2^(b-1), 2^(b-1) - 1))`` as float: the stored integers, shared by training
+    (:func:`_quantize_forward`) and export (:func:`quantize_int`) so the two agree by construction.
 
     One new weight-sized tensor, updated in place; ``maximum``/``minimum`` rather than ``clamp`` with tensor bounds
     (three times slower on CPU). ``lo <= hi`` for every ``b >= 0``, so the pair equals the clamp."""
     x = weight * steps.inv_scale
     torch.maximum(x, steps.lo, out=x)
     torch.minimum(x, steps.hi, out=x)
-    return x.round_().mul_(steps.scale)
+    return x.round_()
+
+
+def _quantize_forward(weight: Tensor, steps: _Steps) -> Tensor:
+    """``2^e * round(clamp(2^-e w, -2^(b-1), 2^(b-1) - 1))``."""
+    return _integers(weight, steps).mul_(steps.scale)
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
@@ -169,8 +175,7 @@ def quantize_int(weight: Tensor, bits: Tensor, exponent: Tensor, pruned: Tensor 
     ``pow2(exponent)[:, None] * quantize_int(...)`` equals :func:`quantize` bit for bit.
     """
     steps = _Steps.of(effective_bits(bits, pruned).float(), exponent.float()).like(weight)
-    r = torch.round(torch.clamp(weight.float() * steps.inv_scale, steps.lo, steps.hi))
-    return r.to(torch.int32)
+    return _integers(weight.float(), steps).to(torch.int32)
 
 
 def required_bits(q_int: Tensor) -> Tensor:
