@@ -158,8 +158,14 @@ def uncertainty_scores(logits: Tensor, kind: str = "margin") -> Tensor:
 
 
 def kmeans_representatives(embeddings: Tensor, k: int, seed: int) -> list[int]:
-    """For each of ``k`` clusters, the example nearest its centroid (in order of cluster size, largest first)."""
+    """For each of ``k`` clusters, the example nearest its centroid (in order of cluster size, largest first).
+
+    BLAS runs single-threaded here: after a multi-threaded call OpenBLAS's worker threads busy-wait for a while
+    (~0.1 s), and on a small machine they take the cores from the training steps that follow the scoring (measured
+    on 2 CPU cores: the first steps after scoring ran at up to 2x their time). scikit-learn's k-means runs its own
+    loop single-threaded in BLAS anyway; only its initialisation's distance products lose their threads."""
     from sklearn.cluster import KMeans, MiniBatchKMeans
+    from threadpoolctl import threadpool_limits
 
     x = embeddings.float().numpy()
     k = min(k, x.shape[0])
@@ -167,7 +173,8 @@ def kmeans_representatives(embeddings: Tensor, k: int, seed: int) -> list[int]:
         km: Any = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=4096, n_init=1)
     else:
         km = KMeans(n_clusters=k, random_state=seed, n_init=1)
-    labels = km.fit_predict(x)
+    with threadpool_limits(limits=1, user_api="blas"):
+        labels = km.fit_predict(x)
     dist = ((x - km.cluster_centers_[labels]) ** 2).sum(1)
     reps = []
     for c in np.argsort(-np.bincount(labels, minlength=k)):

@@ -192,3 +192,23 @@ def test_text_saliency_and_kmeans_beat_random(trained_lm):
     assert spread[0] > spread[1]
     with pytest.raises(SGSCValueError, match=r"`balance_classes` must be False for text"):
         build_preservation_set(model, data, 10, balance_classes=True)
+
+
+def test_kmeans_keeps_blas_single_threaded(monkeypatch):
+    # OpenBLAS workers busy-wait after a multi-threaded call and slow the training steps that follow the scoring
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_info
+
+    from lightning_sgsc.preservation.scoring import kmeans_representatives
+
+    seen = []
+    fit_predict = KMeans.fit_predict
+
+    def spy(self, *args, **kwargs):
+        seen.append([pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"])
+        return fit_predict(self, *args, **kwargs)
+
+    monkeypatch.setattr(KMeans, "fit_predict", spy)
+    reps = kmeans_representatives(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), 5, seed=0)
+    assert len(reps) == 5
+    assert seen and seen[0] and all(n == 1 for n in seen[0])
