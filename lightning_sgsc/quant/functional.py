@@ -28,11 +28,6 @@ from torch import Tensor
 _LN2 = math.log(2.0)
 
 
-def _channel_view(t: Tensor, weight: Tensor) -> Tensor:
-    """Reshapes a per-channel vector ``(C,)`` to broadcast against ``weight`` ``(C, ...)``."""
-    return t.reshape((-1,) + (1,) * (weight.dim() - 1))
-
-
 def effective_bits(bits: Tensor, pruned: Tensor | None = None) -> Tensor:
     """The bit depth the quantizer uses: ``max(b, 0)``, and 0 for pruned channels."""
     b = bits.clamp_min(0.0)
@@ -52,27 +47,48 @@ def pow2(t: Tensor) -> Tensor:
     return torch.exp2(t.double()).float()
 
 
+_LOG2_LN2 = math.log2(_LN2)
+_ARGS: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+
+def _step_args(device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(coefficients, offsets)`` that turn the rows ``(e, b)`` into the five exponents :meth:`_Steps.of` raises 2
+    to: ``e``, ``-e``, ``b - 1``, ``e + log2(ln 2)``, ``e + b - 1 + log2(ln 2)``, in one ``addmm``."""
+    args = _ARGS.get(device)
+    if args is None:
+        coef = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], device=device)
+        offset = torch.tensor([[0.0], [0.0], [-1.0], [_LOG2_LN2], [_LOG2_LN2 - 1.0]], device=device)
+        args = _ARGS[device] = (coef, offset)
+    return args
+
+
 class _Steps(NamedTuple):
-    """Per-channel vectors of the quantizer: ``2^e``, ``2^-e`` and the clamp bounds ``-2^(b-1)``, ``2^(b-1) - 1``."""
+    """Per-channel vectors of the quantizer: ``2^e``, ``2^-e`` and the clamp bounds ``-2^(b-1)``, ``2^(b-1) - 1``
+    (shaped to broadcast against the weight), and the flat ``(C,)`` factors of the ``e`` and ``b`` gradients,
+    ``ln2 2^e`` and ``ln2 2^e 2^(b-1)``."""
 
     scale: Tensor
     inv_scale: Tensor
     lo: Tensor
     hi: Tensor
+    grad_e: Tensor
+    grad_b: Tensor
 
     @staticmethod
-    def of(bits: Tensor, exponent: Tensor) -> _Steps:
-        """From effective bits ``b`` and exponents ``e`` (float32 vectors ``(C,)``), with one :func:`pow2` call."""
-        scale, inv_scale, half = pow2(torch.stack((exponent, exponent.neg(), bits - 1.0))).unbind()
-        return _Steps(scale, inv_scale, half.neg(), half - 1.0)
+    def of(bits: Tensor, exponent: Tensor, dims: int = 1) -> _Steps:
+        """From effective bits ``b`` and exponents ``e`` (float32 vectors ``(C,)``), with one :func:`pow2` call;
+        the first four vectors shaped ``(C, 1, ...)`` with ``dims`` trailing ones, to broadcast against a weight of
+        ``dims + 1`` dimensions (``(C, fan_in)``: 1). The first three exponents are exact (coefficients 0 and ±1),
+        so the scale and bounds are what ``2^e``, ``2^-e``, ``2^(b-1)`` give."""
+        coef, offset = _step_args(bits.device)
+        powers = pow2(torch.addmm(offset, coef, torch.stack((exponent, bits))))
+        scale, inv_scale, half, _, _ = powers.view((5, -1) + (1,) * dims).unbind()
+        _, _, _, grad_e, grad_b = powers.unbind()
+        return _Steps(scale, inv_scale, half.neg(), half.sub(1.0), grad_e, grad_b)
 
     def rows(self, start: int, stop: int) -> _Steps:
-        """Channels ``[start, stop)`` as ``(rows, 1)`` columns (to broadcast against a ``(rows, fan_in)`` matrix)."""
-        return _Steps(*(v[start:stop, None] for v in self))
-
-    def like(self, weight: Tensor) -> _Steps:
-        """Shaped to broadcast against ``weight`` ``(C, ...)``."""
-        return _Steps(*(_channel_view(v, weight) for v in self))
+        """Channels ``[start, stop)``."""
+        return _Steps(*[v[start:stop] for v in self])
 
 
 def _integers(weight: Tensor, steps: _Steps) -> Tensor:
@@ -111,21 +127,18 @@ def _quantize_backward(
         clipped above:     dq/dw = 0,  dq/de = ln2 2^e r,        dq/db = +ln2 2^e 2^(b-1)
         clipped below:     dq/dw = 0,  dq/de = ln2 2^e r,        dq/db = -ln2 2^e 2^(b-1)
 
-    with ``r = round(clamp(x))`` and ``2^(b-1) = -lo``. The ``e`` gradient sums the rounding residual ``r - x``
-    (small numbers) rather than subtracting two large sums."""
+    with ``r = round(clamp(x))``; the per-channel factors come precomputed in ``steps``. The ``e`` gradient sums
+    the rounding residual ``r - x`` (small numbers) rather than subtracting two large sums."""
     x = weight * steps.inv_scale
     clamped = torch.maximum(x, steps.lo)
     torch.minimum(clamped, steps.hi, out=clamped)
     side = torch.sub(x, clamped, out=x).sign_()  # +1 clipped above, -1 clipped below, 0 inside
-    ln2_scale = (_LN2 * steps.scale).reshape(-1)
-    grad_b = None
-    if needs[1]:
-        grad_b = _row_dot(grad, side).mul_(ln2_scale).mul_(steps.lo.reshape(-1)).neg_()
+    grad_b = _row_dot(grad, side).mul_(steps.grad_b) if needs[1] else None
     outside = side.abs_()
     grad_e = None
     if needs[2]:
         residual = torch.round(clamped).sub_(clamped).addcmul_(outside, clamped)  # r - x inside, r clipped
-        grad_e = _row_dot(grad, residual).mul_(ln2_scale)
+        grad_e = _row_dot(grad, residual).mul_(steps.grad_e)
     grad_w = torch.addcmul(grad, grad, outside, value=-1.0) if needs[0] else None  # grad inside, exactly 0 clipped
     return grad_w, grad_b, grad_e
 
@@ -139,7 +152,7 @@ class _Quantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: Tensor, bits: Tensor, exponent: Tensor) -> Tensor:  # type: ignore[override]
-        steps = _Steps.of(bits, exponent).like(weight)
+        steps = _Steps.of(bits, exponent, weight.dim() - 1)
         ctx.save_for_backward(weight, *steps)
         return _quantize_forward(weight, steps)
 
@@ -174,7 +187,7 @@ def quantize_int(weight: Tensor, bits: Tensor, exponent: Tensor, pruned: Tensor 
 
     ``pow2(exponent)[:, None] * quantize_int(...)`` equals :func:`quantize` bit for bit.
     """
-    steps = _Steps.of(effective_bits(bits, pruned).float(), exponent.float()).like(weight)
+    steps = _Steps.of(effective_bits(bits, pruned).float(), exponent.float(), weight.dim() - 1)
     return _integers(weight.float(), steps).to(torch.int32)
 
 

@@ -41,6 +41,13 @@ WORKSPACE_MAX = 1 << 20
 group: weights and gradients); larger ones allocate anew, where the allocation is small next to the arithmetic."""
 
 
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    return tuple(strides)
+
+
 @dataclass(frozen=True)
 class _Group:
     """Rows ``[start, stop)`` of the channel vectors: the layers ``members`` stacked in a ``(rows, width)`` matrix.
@@ -48,33 +55,41 @@ class _Group:
     Stacking and unstacking run every step for every layer, so they use as few tensor calls as possible (each costs
     several microseconds on CPU): a single member with no padding is used in place; a small group is copied into a
     zero-padded workspace matrix kept from step to step (one ``copy_`` per member, into views made once); a large
-    one is concatenated anew. Unstacking is one ``split``, a column slice only for padded members and a ``view``
-    only for weights that are not 2-D."""
+    one is concatenated anew. Unstacking is one ``as_strided`` view per member. Members are given by their
+    position in the tensors passed in."""
 
     start: int
     stop: int
     width: int
-    members: tuple[int, ...]  # layer indices, in row order
+    members: tuple[int, ...]  # positions in the tensor lists, in row order
     channels: tuple[int, ...]
     fan_in: tuple[int, ...]
-    shapes: tuple[torch.Size, ...]
+    shapes: tuple[tuple[int, ...], ...]  # plain ints: ``view`` with a ``torch.Size`` is several times slower
+    padded: bool = field(init=False)
+    numel: int = field(init=False)
+    # per member: (position, shape, strides, offset) of its block in a contiguous (rows, width) matrix
+    layout: tuple[tuple[int, tuple[int, ...], tuple[int, ...], int], ...] = field(init=False)
     _workspace: dict[tuple[int, torch.device], list[Tensor]] = field(default_factory=dict, compare=False, repr=False)
+    _stamps: dict[tuple[int, torch.device], object] = field(default_factory=dict, compare=False, repr=False)
 
-    @property
-    def padded(self) -> bool:
-        return any(f != self.width for f in self.fan_in)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "padded", any(f != self.width for f in self.fan_in))
+        object.__setattr__(self, "numel", (self.stop - self.start) * self.width)
+        layout, row = [], 0
+        for i, c, shape in zip(self.members, self.channels, self.shapes, strict=True):
+            strides = (self.width, *_contiguous_strides(shape)[1:])
+            layout.append((i, shape, strides, row * self.width))
+            row += c
+        object.__setattr__(self, "layout", tuple(layout))
 
-    @property
-    def numel(self) -> int:
-        return (self.stop - self.start) * self.width
-
-    def stack(self, tensors: Sequence[Tensor], slot: int) -> Tensor:
+    def stack(self, tensors: Sequence[Tensor], slot: int, stamp: object = None) -> Tensor:
         """The members' tensors (each shaped like its weight) as one float32 ``(rows, width)`` matrix. ``slot``
         names the workspace (weights and gradients each have their own); the result is only valid until the next
-        ``stack`` into the same slot, so callers use it at once and keep nothing that aliases it."""
+        ``stack`` into the same slot, so callers use it at once and keep nothing that aliases it. ``stamp`` marks
+        the workspace as holding these tensors (see :meth:`restack`)."""
         if len(self.members) == 1 and not self.padded:
-            i, c, shape = next(self._zip())
-            return (tensors[i] if len(shape) == 2 else tensors[i].reshape(c, -1)).float()
+            t = tensors[self.members[0]]
+            return (t if t.dim() == 2 else t.view(self.channels[0], self.width)).float()
         device = tensors[self.members[0]].device
         if self.numel > WORKSPACE_MAX:
             parts = [tensors[i] if len(s) == 2 else tensors[i].reshape(c, -1) for i, c, s in self._zip()]
@@ -84,33 +99,47 @@ class _Group:
             for block, part, f in zip(out.split_with_sizes(self.channels), parts, self.fan_in, strict=True):
                 (block if f == self.width else block[:, :f]).copy_(part)
             return out
-        views = self._workspace.get((slot, device))
+        key = (slot, device)
+        views = self._workspace.get(key)
         if views is None:  # the matrix, then one view per member shaped like its tensor; padding stays zero
             matrix = torch.zeros((self.stop - self.start, self.width), device=device)
             blocks = matrix.split_with_sizes(self.channels)
             views = [matrix] + [b[:, :f].view(s) for b, f, s in zip(blocks, self.fan_in, self.shapes, strict=True)]
-            self._workspace[(slot, device)] = views
+            self._workspace[key] = views
         for view, i in zip(views[1:], self.members, strict=True):
             view.copy_(tensors[i])
+        self._stamps[key] = stamp
         return views[0]
+
+    def restack(self, tensors: Sequence[Tensor], slot: int, stamp: object) -> Tensor:
+        """:meth:`stack`, or the workspace as it is when the last ``stack`` into ``slot`` was the one marked
+        ``stamp`` (the same tensors, unchanged: autograd refuses saved tensors changed in place)."""
+        if stamp is not None and self._stamps.get((slot, tensors[self.members[0]].device)) is stamp:
+            return self._workspace[(slot, tensors[self.members[0]].device)][0]
+        return self.stack(tensors, slot)
 
     def unstack(self, matrix: Tensor, out: list[Tensor | None], dtypes: Sequence[torch.dtype] | None = None) -> None:
         """Writes each member's block of ``matrix`` into ``out`` as a view shaped like its weight (cast to
         ``dtypes[i]`` when given)."""
-        blocks = matrix.split_with_sizes(self.channels) if len(self.members) > 1 else (matrix,)
-        for block, (i, _, shape), f in zip(blocks, self._zip(), self.fan_in, strict=True):
-            if f != self.width:
-                block = block[:, :f]
-            if len(shape) != 2:
-                block = block.view(shape)
+        if len(self.members) == 1 and not self.padded:
+            i, shape, _, _ = self.layout[0]
+            block = matrix if len(shape) == 2 else matrix.view(shape)
+            out[i] = block if dtypes is None or dtypes[i] == block.dtype else block.to(dtypes[i])
+            return
+        if not matrix.is_contiguous():
+            matrix = matrix.contiguous()
+        base = matrix.storage_offset()
+        for i, shape, strides, offset in self.layout:
+            block = matrix.as_strided(shape, strides, base + offset)
             out[i] = block if dtypes is None or dtypes[i] == block.dtype else block.to(dtypes[i])
 
-    def _zip(self) -> zip[tuple[int, int, torch.Size]]:
+    def _zip(self) -> zip[tuple[int, int, tuple[int, ...]]]:
         return zip(self.members, self.channels, self.shapes, strict=True)
 
 
 def _plan(layers: Sequence[QuantizedLayer]) -> list[_Group]:
-    """Groups layers by fan-in, merging a group into the next wider one while the padding stays within budget."""
+    """Groups layers by fan-in, merging a group into the next wider one while the padding stays within budget.
+    Member ``i`` of a group is ``layers[i]``."""
     by_fan_in: dict[int, list[int]] = {}
     for i, layer in enumerate(layers):
         by_fan_in.setdefault(layer.fan_in, []).append(i)
@@ -128,7 +157,7 @@ def _plan(layers: Sequence[QuantizedLayer]) -> list[_Group]:
     for width, members in merged:
         channels = tuple(layers[i].out_channels_ for i in members)
         fan_in = tuple(layers[i].fan_in for i in members)
-        shapes = tuple(layers[i].weight.shape for i in members)
+        shapes = tuple(tuple(int(d) for d in layers[i].weight.shape) for i in members)
         groups.append(_Group(start, start + sum(channels), width, tuple(members), channels, fan_in, shapes))
         start += sum(channels)
     return groups
@@ -136,79 +165,93 @@ def _plan(layers: Sequence[QuantizedLayer]) -> list[_Group]:
 
 @dataclass(frozen=True)
 class _Plan:
-    """What :class:`_FusedQuantize` needs besides tensors: the groups, the layer order of the channel vectors, and
-    ``fan_in / n_weights`` per channel (the weights of the bits-per-weight term)."""
+    """What :class:`_FusedQuantize` needs besides the learned tensors, for layers given in channel-vector order
+    (group by group): the groups (members renumbered to that order), the channels per layer, ``fan_in /
+    n_weights`` per channel (the weights of the bits-per-weight term) and ``keep`` (1.0, or 0.0 for a pruned
+    channel: the pruned masks change only when the feedback loop prunes, so they are concatenated then, not every
+    step)."""
 
     groups: list[_Group]
-    order: list[int]  # layer indices in channel-vector order (group by group)
-    channels: list[int]  # channels per layer, in that order
+    channels: list[int]
     share: Tensor
+    keep: Tensor
+    pruned: tuple[Tensor, ...]  # the masks ``keep`` was made from, with their versions below
+    versions: tuple[int, ...]
 
     @property
     def n(self) -> int:
-        return len(self.order)
+        return len(self.channels)
+
+    @property
+    def whole(self) -> bool:
+        """One group holds every channel (its rows are the whole channel vectors)."""
+        return len(self.groups) == 1
 
 
 class _FusedQuantize(torch.autograd.Function):
     """Every layer's quantized weight and the bits-per-weight term in one call::
 
-        apply(plan, *bits, *exponents, *pruned, *weights) -> (bits_per_weight, *quantized)
+        apply(plan, *bits, *exponents, *weights) -> (bits_per_weight, *quantized)
 
-    (each input per layer, in layer order). ``max(b, 0)``, the pruned mask, the concatenations and the per-layer
-    slices all happen inside, so the step adds one autograd node, not a dozen. Saves the weights (inputs, no copy)
-    and per-channel vectors; the backward re-stacks the weights rather than keeping a stacked copy."""
+    (each input per layer, in the plan's layer order). ``max(b, 0)``, the pruned mask, the concatenations and the
+    per-layer slices all happen inside, so the step adds one autograd node, not a dozen. Saves the weights (inputs,
+    no copy) and per-channel vectors; the backward uses the forward's stacked weights while they are still in the
+    group's workspace (nothing stacked into it since), else stacks them again."""
 
     @staticmethod
     def forward(ctx, plan: _Plan, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         n = plan.n
-        bits, exponent, pruned = (torch.cat([tensors[k * n + i] for i in plan.order]) for k in range(3))
-        weights = tensors[3 * n :]
-        bits = bits.float()
-        # d max(b, 0) / db is 1 where b > 0 (as clamp_min's gradient), never for pruned channels
-        open_ = (bits > 0).logical_and_(pruned.logical_not()).float()
-        effective = bits.clamp_min(0.0).mul_(open_)
-        steps = _Steps.of(effective, exponent.float())
-        out: list[Tensor | None] = [None] * len(weights)
+        bits = (torch.cat(tensors[:n]) if n > 1 else tensors[0]).float()
+        exponent = (torch.cat(tensors[n : 2 * n]) if n > 1 else tensors[n]).float()
+        weights = tensors[2 * n :]
+        effective = torch.relu(bits).mul_(plan.keep)  # max(b, 0), and 0 for pruned channels
+        steps = _Steps.of(effective, exponent)
+        out: list[Tensor | None] = [None] * n
+        stamp = object()  # marks the stacked weights, so the backward can use them if nothing stacked since
         for group in plan.groups:
-            group.unstack(_quantize_forward(group.stack(weights, 0), steps.rows(group.start, group.stop)), out)
+            rows = steps if plan.whole else steps.rows(group.start, group.stop)
+            group.unstack(_quantize_forward(group.stack(weights, 0, stamp), rows), out)
         ctx.plan = plan
-        ctx.save_for_backward(open_, *steps, *weights)
+        ctx.stamp = stamp
+        ctx.save_for_backward(effective, *steps, *weights)
         return (torch.dot(effective, plan.share), *out)  # type: ignore[arg-type]
 
     @staticmethod
     def backward(ctx, grad_bpw: Tensor, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         plan: _Plan = ctx.plan
         n = plan.n
-        open_, *vectors = ctx.saved_tensors
-        steps = _Steps(*vectors[:4])
-        weights = vectors[4:]
-        need_b, need_e = any(ctx.needs_input_grad[1 : 1 + n]), any(ctx.needs_input_grad[1 + n : 1 + 2 * n])
-        needs_w = ctx.needs_input_grad[1 + 3 * n :]
+        effective, *saved = ctx.saved_tensors
+        steps = _Steps(*saved[:6])
+        weights = saved[6:]
+        needs_input = ctx.needs_input_grad
+        need_b, need_e = any(needs_input[1 : 1 + n]), any(needs_input[1 + n : 1 + 2 * n])
+        needs_w = needs_input[1 + 2 * n :]
         grad_w: list[Tensor | None] = [None] * n
         grad_b: list[Tensor] = []
         grad_e: list[Tensor] = []
         for group in plan.groups:
             needs = (any(needs_w[i] for i in group.members), need_b, need_e)
-            gw, gb, ge = _quantize_backward(
-                group.stack(weights, 0), group.stack(grads, 1), steps.rows(group.start, group.stop), needs
-            )
+            rows = steps if plan.whole else steps.rows(group.start, group.stop)
+            stacked = group.restack(weights, 0, ctx.stamp)
+            gw, gb, ge = _quantize_backward(stacked, group.stack(grads, 1), rows, needs)
             if gw is not None:
                 group.unstack(gw, grad_w, [w.dtype for w in weights])
-            grad_b += [gb] if gb is not None else []
-            grad_e += [ge] if ge is not None else []
-        per_layer_b: list[Tensor | None] = [None] * n
-        per_layer_e: list[Tensor | None] = [None] * n
+            if gb is not None:
+                grad_b.append(gb)
+            if ge is not None:
+                grad_e.append(ge)
+        per_layer_b: Sequence[Tensor | None] = [None] * n
+        per_layer_e: Sequence[Tensor | None] = [None] * n
         if need_b:
             b = torch.cat(grad_b) if len(grad_b) > 1 else grad_b[0]
-            b = b.addcmul_(plan.share, grad_bpw).mul_(open_)
-            for i, part in zip(plan.order, b.split_with_sizes(plan.channels), strict=True):
-                per_layer_b[i] = part
+            # d max(b, 0) / db is 1 where b > 0 (as clamp_min's gradient), never for pruned channels
+            b = b.addcmul_(plan.share, grad_bpw).mul_(effective.sign())
+            per_layer_b = b.split_with_sizes(plan.channels) if n > 1 else (b,)
         if need_e:
             e = torch.cat(grad_e) if len(grad_e) > 1 else grad_e[0]
-            for i, part in zip(plan.order, e.split_with_sizes(plan.channels), strict=True):
-                per_layer_e[i] = part
+            per_layer_e = e.split_with_sizes(plan.channels) if n > 1 else (e,)
         grad_w = [g if need else None for g, need in zip(grad_w, needs_w, strict=True)]
-        return (None, *per_layer_b, *per_layer_e, *([None] * n), *grad_w)
+        return (None, *per_layer_b, *per_layer_e, *grad_w)
 
 
 class FusedQuantizer:
@@ -223,18 +266,33 @@ class FusedQuantizer:
 
     def __init__(self, layers: Sequence[QuantizedLayer]) -> None:
         self.layers = list(layers)
-        self._groups = _plan(self.layers)
-        self._order = [i for group in self._groups for i in group.members]  # channel order of every vector
+        # the layers in channel-vector order (group by group), so each group's members are consecutive
+        self._ordered = [self.layers[i] for group in _plan(self.layers) for i in group.members]
+        self._groups = _plan(self._ordered)
+        assert [i for group in self._groups for i in group.members] == list(range(len(self._ordered)))
         self._n_weights = sum(int(layer.weight.numel()) for layer in self.layers)
         self._plan: _Plan | None = None
         self._step_bpw: Tensor | None = None  # the bits-per-weight term of the current step
 
     def _plan_on(self, device: torch.device) -> _Plan:
-        if self._plan is None or self._plan.share.device != device:
-            fan_in = torch.tensor([float(self.layers[i].fan_in) for i in self._order])
-            channels = [self.layers[i].out_channels_ for i in self._order]
-            share = torch.repeat_interleave(fan_in, torch.tensor(channels)) / max(self._n_weights, 1)
-            self._plan = _Plan(self._groups, self._order, channels, share.to(device))
+        plan = self._plan
+        pruned = tuple(m.pruned for m in self._ordered)
+        versions = tuple(p._version for p in pruned)
+        if (
+            plan is not None
+            and plan.share.device == device
+            and plan.versions == versions
+            and all(a is b for a, b in zip(plan.pruned, pruned, strict=True))
+        ):
+            return plan
+        channels = [m.out_channels_ for m in self._ordered]
+        if plan is None or plan.share.device != device:
+            fan_in = torch.tensor([float(m.fan_in) for m in self._ordered])
+            share = (torch.repeat_interleave(fan_in, torch.tensor(channels)) / max(self._n_weights, 1)).to(device)
+        else:
+            share = plan.share
+        keep = torch.cat(pruned).logical_not().to(device=device, dtype=torch.float32)
+        self._plan = _Plan(self._groups, channels, share, keep, pruned, versions)
         return self._plan
 
     def bits_per_weight(self) -> Tensor:
@@ -247,10 +305,17 @@ class FusedQuantizer:
     def quantize_all(self) -> tuple[Tensor, list[Tensor]]:
         """``(bits per weight, every layer's quantized weight)`` (float32, each layer's shape) from one autograd
         Function call."""
-        layers = self.layers
+        bpw, quantized = self._quantize_ordered()
+        by_layer = {id(m): q for m, q in zip(self._ordered, quantized, strict=True)}
+        return bpw, [by_layer[id(m)] for m in self.layers]
+
+    def _quantize_ordered(self) -> tuple[Tensor, list[Tensor]]:
+        """:meth:`quantize_all` with the weights in channel-vector order (``self._ordered``)."""
+        layers = self._ordered
         plan = self._plan_on(layers[0].weight.device)
-        tensors = [m.bits for m in layers] + [m.exponent for m in layers] + [m.pruned for m in layers]
-        bpw, *quantized = _FusedQuantize.apply(plan, *tensors, *[m.weight for m in layers])
+        params = [m._parameters for m in layers]  # type: ignore[attr-defined]  # skips nn.Module.__getattr__
+        tensors = [p["bits"] for p in params] + [p["exponent"] for p in params] + [p["weight"] for p in params]
+        bpw, *quantized = _FusedQuantize.apply(plan, *tensors)
         return bpw, quantized
 
     @contextmanager
@@ -261,9 +326,9 @@ class FusedQuantizer:
         if not self.layers or not torch.is_grad_enabled() or len({m.weight.device for m in self.layers}) != 1:
             yield self
             return
-        self._step_bpw, quantized = self.quantize_all()
+        self._step_bpw, quantized = self._quantize_ordered()
         try:
-            for layer, q in zip(self.layers, quantized, strict=True):
+            for layer, q in zip(self._ordered, quantized, strict=True):
                 layer.__dict__["_fused"] = (q, layer._versions())  # plain attribute; skips nn.Module.__setattr__
             yield self
         finally:

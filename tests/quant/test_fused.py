@@ -128,3 +128,49 @@ def test_the_mixin_runs_each_training_step_inside_one_fused_pass(tmp_path):
     cpu_trainer(tmp_path, [SafetyGuidedQuantization(preservation_size=0)], max_epochs=1).fit(model)
     assert seen and all(seen)
     assert all(m._fused is None for _, m in quantized_layers(model))
+
+
+def test_the_backward_reuses_the_stacked_weights_unless_something_stacked_since(monkeypatch):
+    model = _randomised(TinyConvNet())  # padded layers: stacked into a workspace matrix
+    reference = copy.deepcopy(model)
+    layers = [m for _, m in quantized_layers(model)]
+    fq = FusedQuantizer(layers)
+    stacked = []
+    original = fused._Group.stack
+    monkeypatch.setattr(
+        fused._Group, "stack", lambda self, t, slot, *a: stacked.append(slot) or original(self, t, slot, *a)
+    )
+    bpw, q = fq.quantize_all()
+    torch.autograd.backward([bpw, *q], [torch.ones(()), *[torch.ones_like(t) for t in q]])
+    assert stacked.count(0) == len(fq._groups)  # weights stacked once per step, by the forward
+
+    # a second pass over other weights before the first one's backward: the first backward must re-stack its own
+    bpw, q = fq.quantize_all()
+    saved = [m.weight for m in layers]
+    for m in layers:
+        m.weight = nn.Parameter(m.weight.detach() * 10.0)  # other clipping, other gradients
+    fq.quantize_all()
+    for m in saved:
+        m.grad = None
+    upstream = [torch.randn_like(t) for t in q]
+    torch.autograd.backward([bpw, *q], [torch.ones(()), *upstream])
+    ref_layers = [m for _, m in quantized_layers(reference)]
+    expected = [functional.quantize(m.weight, m.bits, m.exponent, m.pruned) for m in ref_layers]
+    torch.autograd.backward(expected, upstream)
+    for got, ref in zip(saved, ref_layers, strict=True):
+        torch.testing.assert_close(got.grad, ref.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_pruning_between_steps_reaches_the_cached_plan():
+    model = _randomised(TwoSameFanIn())
+    fq = FusedQuantizer([m for _, m in quantized_layers(model)])
+    with torch.no_grad():
+        model.b.bits.fill_(4.0)
+    _, before = fq.quantize_all()
+    assert before[1][2].abs().sum() > 0
+    model.b.pruned[2] = True  # in place
+    _, after = fq.quantize_all()
+    assert torch.equal(after[1][2], torch.zeros_like(after[1][2])) and after[1][3].abs().sum() > 0
+    model.b.pruned = torch.ones_like(model.b.pruned)  # a new mask object
+    _, after = fq.quantize_all()
+    assert torch.equal(after[1], torch.zeros_like(after[1]))
