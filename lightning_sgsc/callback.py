@@ -209,6 +209,7 @@ class SafetyGuidedQuantization(Callback):
         self.swapped_layers: list[str] = []
         self._layers: list[QuantizedLayer] = []
         self._fused = FusedQuantizer([])
+        self._loss_weights_cache: tuple[tuple[Any, ...], dict[str, float]] | None = None
         self.preservation_set: PreservationSet | None = None
         self._preservation_iter: PreservationSampler | None = None
         self._preservation_draws = 0
@@ -382,20 +383,32 @@ class SafetyGuidedQuantization(Callback):
         :class:`~lightning_sgsc.quant.fused.FusedQuantizer`)."""
         return self._fused.step()
 
-    def compression_terms(self, pl_module: SafetyGuidedMixin) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(weighted sum, raw terms)`` for one training step; called by the mixin."""
-        epoch = pl_module.current_epoch  # type: ignore[attr-defined]
-        weights = self.loss_weights.at(epoch)
+    def compression_terms(
+        self, pl_module: SafetyGuidedMixin, base: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(weighted sum, raw terms)`` for one training step, the sum added to ``base`` (the task loss) when given;
+        called by the mixin."""
+        weights = self._loss_weights_at(pl_module.current_epoch)  # type: ignore[attr-defined]
         terms: dict[str, Tensor] = {"bits": self._fused.bits_per_weight()}
+        used = {"bits": weights["bits"]}
         if weights["l1"]:
             terms["l1"] = l1_term(self._layers)
+            used["l1"] = weights["l1"]
         due = pl_module.global_step % self.preservation_every_n_steps == 0  # type: ignore[attr-defined]
         if weights["preservation"] and self.preservation_set is not None and due:
             batch = self.next_preservation_batch()
             terms["preservation"] = pl_module.preservation_step(batch)
-        else:
-            weights["preservation"] = 0.0
-        return weighted_sum(terms, {k: w for k, w in weights.items() if k in terms}), terms
+            used["preservation"] = weights["preservation"]
+        return weighted_sum(terms, used, base), terms
+
+    def _loss_weights_at(self, epoch: int) -> dict[str, float]:
+        """:meth:`LossWeights.at`, evaluated (and checked) once per epoch and per change of the weights."""
+        lw = self.loss_weights
+        key = (epoch, lw.l1_weight, lw.bit_weight, lw.preservation_weight)
+        cached = self._loss_weights_cache
+        if cached is None or cached[0] != key:
+            cached = self._loss_weights_cache = (key, lw.at(epoch))
+        return cached[1]
 
     @override
     def on_before_optimizer_step(

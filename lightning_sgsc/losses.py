@@ -44,13 +44,14 @@ def bits_per_weight(model: nn.Module | list[QuantizedLayer]) -> Tensor:
     return total / max(count, 1)
 
 
-def weighted_sum(terms: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
-    """``sum(weights[k] * terms[k])`` over the keys of ``weights`` whose weight is not 0."""
-    out: Tensor | None = None
+def weighted_sum(terms: dict[str, Tensor], weights: dict[str, float], base: Tensor | None = None) -> Tensor:
+    """``base + sum(weights[k] * terms[k])`` over the keys of ``weights`` whose weight is not 0 (no ``base``: the
+    sum alone). Each term added is one ``torch.add(..., alpha=weight)`` call, in ``base``'s dtype."""
+    out = base
     for key, weight in weights.items():
         if weight:
-            part = weight * terms[key]
-            out = part if out is None else out + part
+            term = terms[key]
+            out = term * weight if out is None else torch.add(out, term.to(out.dtype), alpha=weight)
     if out is None:
         return torch.zeros(())
     return out

@@ -37,13 +37,14 @@ def _wrap_training_step(fn: Callable[..., Any]) -> Callable[..., Any]:
         callback = self._sgsc_callback()
         if callback is None or self._sgsc_depth:  # no callback, or a nested super().training_step call
             return fn(self, *args, **kwargs)
-        self._sgsc_depth += 1
-        self._sgsc_called = False
+        state = self.__dict__  # plain attributes: nn.Module.__setattr__ costs microseconds on every step
+        state["_sgsc_depth"] = 1
+        state["_sgsc_called"] = False
         if not self.automatic_optimization:  # type: ignore[attr-defined]
             try:
                 out = fn(self, *args, **kwargs)
             finally:
-                self._sgsc_depth -= 1
+                state["_sgsc_depth"] = 0
             if not self._sgsc_called:
                 raise SGSCRuntimeError(
                     "Manual optimization: the compression terms were not added. In `training_step`, add "
@@ -56,8 +57,8 @@ def _wrap_training_step(fn: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 out = fn(self, *args, **kwargs)
             finally:
-                self._sgsc_depth -= 1
-            return self._sgsc_add_terms(out)
+                state["_sgsc_depth"] = 0
+            return self._sgsc_add_terms(out, callback)
 
     training_step._sgsc_wrapped = True  # type: ignore[attr-defined]
     return training_step
@@ -129,9 +130,13 @@ class SafetyGuidedMixin:
             raise SGSCRuntimeError(
                 "`compression_loss()` needs the SafetyGuidedQuantization callback in `Trainer(callbacks=[...])`."
             )
-        self._sgsc_called = True
-        total, terms = callback.compression_terms(self)  # type: ignore[arg-type]
-        if self._sgsc_log_now():
+        return self._sgsc_compression(callback, None, self._sgsc_log_now())
+
+    def _sgsc_compression(self, callback: SafetyGuidedQuantization, base: Tensor | None, log_now: bool) -> Tensor:
+        """``base`` (or nothing) plus the weighted terms; logs each raw term when ``log_now``."""
+        self.__dict__["_sgsc_called"] = True
+        total, terms = callback.compression_terms(self, base)  # type: ignore[arg-type]
+        if log_now:
             for key, value in terms.items():
                 name = "train/bits_per_weight" if key == "bits" else f"train/loss_{key}"
                 self.log(name, value.detach())  # type: ignore[attr-defined]
@@ -143,7 +148,7 @@ class SafetyGuidedMixin:
         trainer = self.trainer  # type: ignore[attr-defined]
         return self.global_step % max(trainer.log_every_n_steps, 1) == 0  # type: ignore[attr-defined]
 
-    def _sgsc_add_terms(self, out: Any) -> Any:
+    def _sgsc_add_terms(self, out: Any, callback: SafetyGuidedQuantization) -> Any:
         if out is None:
             return None
         task = out["loss"] if isinstance(out, dict) else out
@@ -151,9 +156,10 @@ class SafetyGuidedMixin:
             raise SGSCTypeError(
                 describe_rule("training_step output", "a loss Tensor, a dict with a 'loss' Tensor, or None", out)
             )
-        if self._sgsc_log_now():
+        log_now = self._sgsc_log_now()
+        if log_now:
             self.log("train/loss_task", task.detach())  # type: ignore[attr-defined]
-        loss = task + self.compression_loss().to(task.dtype)
+        loss = self._sgsc_compression(callback, task, log_now)
         if isinstance(out, dict):
             return {**out, "loss": loss}
         return loss

@@ -109,6 +109,32 @@ def test_each_loss_term_is_logged_and_added(tmp_path, every_n):
         assert second["total"] == pytest.approx(without, rel=1e-5)
 
 
+def test_loss_weights_follow_their_schedule_and_changes_made_during_the_fit(tmp_path):
+    seen: list[tuple[int, float, float, float]] = []  # (epoch, task, bits, total)
+
+    class Grab(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            m = trainer.callback_metrics
+            seen.append(
+                (
+                    trainer.current_epoch,
+                    float(m["train/loss_task"]),
+                    float(m["train/bits_per_weight"]),
+                    float(outputs["loss"]),
+                )
+            )
+            if trainer.current_epoch == 1 and batch_idx == 0:
+                cb.loss_weights.bit_weight = 0.5  # takes effect on the next step
+
+    cb = SafetyGuidedQuantization(bit_weight=lambda epoch: 0.01 * (epoch + 1), preservation_size=0)
+    trainer = cpu_trainer(tmp_path, [cb, Grab()], max_epochs=2, limit_train_batches=2, log_every_n_steps=1)
+    trainer.fit(TinyClassifier())
+    weights = [0.01, 0.01, 0.02, 0.5]
+    assert [epoch for epoch, *_ in seen] == [0, 0, 1, 1]
+    for (_, task, bits, total), w in zip(seen, weights, strict=True):
+        assert total == pytest.approx(task + w * bits, rel=1e-5)
+
+
 def test_size_metrics_and_feedback_decisions_are_logged_every_validation(tmp_path):
     model = TinyClassifier()
     cb = SafetyGuidedQuantization(init_bits=4, preservation_warmup_epochs=0)

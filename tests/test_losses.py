@@ -32,3 +32,11 @@ def test_l1_is_the_mean_absolute_weight_over_kept_channels():
 def test_weighted_sum_skips_zero_weights():
     terms = {"a": torch.tensor(2.0), "b": torch.tensor(float("nan"))}
     assert_close(weighted_sum(terms, {"a": 0.5, "b": 0.0}), torch.tensor(1.0))
+
+
+def test_weighted_sum_adds_onto_a_base_in_its_dtype():
+    terms = {"a": torch.tensor(2.0), "b": torch.tensor(4.0)}
+    base = torch.tensor(1.0, dtype=torch.bfloat16)
+    out = weighted_sum(terms, {"a": 0.5, "b": 0.25}, base)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, torch.tensor(3.0, dtype=torch.bfloat16))
