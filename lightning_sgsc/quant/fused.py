@@ -323,7 +323,9 @@ class FusedQuantizer:
         """Within this block (grad mode, one training step, no optimizer step inside), every layer's
         ``quantized_weight()`` returns the result of one shared :meth:`quantize_all`. A layer whose ``weight``,
         ``bits``, ``exponent`` or ``pruned`` is changed in place inside the block falls back to its own quantizer."""
-        if not self.layers or not torch.is_grad_enabled() or len({m.weight.device for m in self.layers}) != 1:
+        layers = self._ordered
+        devices = {m._parameters["weight"].device for m in layers}  # type: ignore[attr-defined]
+        if not layers or not torch.is_grad_enabled() or len(devices) != 1:
             yield self
             return
         self._step_bpw, quantized = self._quantize_ordered()
