@@ -36,6 +36,13 @@ def test_overhead_prints_a_ratio_per_model_and_peak_memory_when_scaling():
     assert deep["ratio"] > 0 and deep["quantizer_ms"] > 0 and deep["sgsc_peak_mib"] >= 0
 
 
+def test_overhead_ratio_is_the_median_of_the_rounds_so_one_shifted_fit_does_not_move_it():
+    per_round = {"float": [10.0, 10.0, 13.0], "quantizer": [11.0, 11.0, 11.0], "sgsc": [12.0, 12.0, 12.0]}
+    got = overhead.ratios(per_round)
+    assert got["ratio"] == 1.2 and got["quantizer_ratio"] == 1.1
+    assert got["ratio_rounds"] == [1.2, 1.2, 0.923]
+
+
 def test_the_scaling_models_grow_as_named():
     sizes = {
         name: sum(p.numel() for p in overhead._setup(name, 8)[0].parameters()) for name in overhead.SCALING.split(",")

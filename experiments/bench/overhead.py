@@ -12,7 +12,11 @@ For each model three fits alternate in one process, ``--rounds`` times, ``--step
 A timing callback measures every step from batch start to batch end (forward, backward, optimizer step and the
 compression terms); the first 3 steps of every fit are dropped and the *mean* of the rest is the per-step cost (a
 mean, not a median: the preservation loss runs on one step in eight, and its cost must be counted). Same data
-(random tensors of the model's input shape), same batch. ``--scaling`` adds the peak memory of one fit of each side,
+(random tensors of the model's input shape), same batch. ``ratio`` is the median over rounds of each round's
+``sgsc / float`` (the fits of a round run back to back): on a shared virtual machine the speed can change by a
+quarter from one fit to the next (seen here: the same configuration at 42 and at 54 ms per step in consecutive
+fits), and the median keeps one such fit from moving the figure; ``ratio_rounds`` lists every round's and
+``ratio_of_means`` is the ratio of the overall means. ``--scaling`` adds the peak memory of one fit of each side,
 measured in a fresh child process after a 3-step warm-up fit (which scores the preservation set once): the growth
 of the peak resident set over the measured fit on CPU, of torch's peak allocation on GPU.
 The last line is one JSON object with a ``ratio`` per model.
@@ -102,23 +106,39 @@ def measure(
     for side in SIDES:
         torch.manual_seed(0)
         modules[side] = _setup(name, 4096)
-    timers = {side: StepTimer() for side in SIDES}
+    per_round: dict[str, list[float]] = {side: [] for side in SIDES}  # mean step time of each fit
+    steps_all: dict[str, list[float]] = {side: [] for side in SIDES}
     for _ in range(rounds):
         for side in SIDES:
             module, loader = modules[side]
-            timer = timers[side]
-            before = len(timer.times)
+            timer = StepTimer()
             callbacks = [*_callback(side, preservation_batch_size), timer]
             trainer = quiet_trainer(1, callbacks, max_steps=steps, limit_val_batches=0, accelerator=accelerator)
             trainer.fit(module, train_dataloaders=loader)
-            del timer.times[before : before + 3]  # warm-up steps of each fit
-    ms = {side: 1e3 * statistics.mean(timers[side].times) for side in SIDES}
+            times = timer.times[3:]  # the first 3 steps of every fit are warm-up
+            per_round[side].append(statistics.mean(times))
+            steps_all[side] += times
+    ms = {side: 1e3 * statistics.mean(steps_all[side]) for side in SIDES}
     return {
         "model": name,
         "params": sum(p.numel() for p in modules["float"][0].parameters()),
         **{f"{side}_ms": round(ms[side], 3) for side in SIDES},
-        "quantizer_ratio": round(ms["quantizer"] / ms["float"], 3),
-        "ratio": round(ms["sgsc"] / ms["float"], 3),
+        **ratios(per_round),
+        "ratio_of_means": round(ms["sgsc"] / ms["float"], 3),
+    }
+
+
+def ratios(per_round: dict[str, list[float]]) -> dict[str, Any]:
+    """``ratio`` / ``quantizer_ratio``: the median over rounds of each round's time against the float fit of the
+    same round; ``ratio_rounds``: each round's ``sgsc / float``."""
+
+    def of(side: str) -> list[float]:
+        return [a / b for a, b in zip(per_round[side], per_round["float"], strict=True)]
+
+    return {
+        "quantizer_ratio": round(statistics.median(of("quantizer")), 3),
+        "ratio": round(statistics.median(of("sgsc")), 3),
+        "ratio_rounds": [round(r, 3) for r in of("sgsc")],
     }
 
 
@@ -185,7 +205,8 @@ def main() -> None:
         results.append(r)
         times = ", ".join(f"{side} {r[f'{side}_ms']:.2f}" for side in SIDES)
         line = f"{name:>20} ({r['params']:,} params): ms/step {times}; ratio {r['ratio']:.2f}x"
-        line += f" (quantizer alone {r['quantizer_ratio']:.2f}x)"
+        line += f" (quantizer alone {r['quantizer_ratio']:.2f}x; rounds {min(r['ratio_rounds']):.2f}-"
+        line += f"{max(r['ratio_rounds']):.2f}x, ratio of the means {r['ratio_of_means']:.2f}x)"
         if args.scaling:
             line += f"; peak memory float {r['float_peak_mib']} MiB, sgsc {r['sgsc_peak_mib']} MiB"
         print(line, flush=True)
