@@ -242,6 +242,8 @@ def _decode_tensor(entry: dict[str, Any], payload: np.ndarray) -> Tensor:
     shape = _shape(entry)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     raw = _slice(payload, _entry_field(entry, "o", int), math.prod(shape) * itemsize, name).copy()
+    if raw.size == 0:  # numpy gives an empty array stride 0, which torch cannot reinterpret
+        return torch.empty(shape, dtype=dtype)
     if dtype == torch.bfloat16:
         return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).reshape(shape)
     return torch.from_numpy(raw).view(dtype).reshape(shape)

@@ -203,3 +203,14 @@ def test_mutated_headers_only_raise_our_errors_or_load_consistently(tmp_path, ar
         load_compressed(path, TinyConvNet())
     except SGSCError:
         pass  # the only acceptable failure
+
+
+def test_a_tensor_entry_mutated_to_zero_elements_raises_our_error(tmp_path, artifact):
+    # found by the property test above: an empty slice of the payload could not be reinterpreted by torch
+    header = _header(artifact)
+    entry = next(e for e in header["entries"] if e["k"] == "t")
+    entry["s"] = [0]
+    path = tmp_path / "empty.sgsc"
+    path.write_bytes(_with_header(artifact, header))
+    with pytest.raises(SGSCError):
+        load_compressed(path, TinyConvNet())
