@@ -81,8 +81,8 @@ class _Steps(NamedTuple):
     inv_scale: Tensor
     lo: Tensor
     hi: Tensor
-    grad_e: Tensor
-    grad_b: Tensor
+    e_factor: Tensor
+    b_factor: Tensor
 
     @staticmethod
     def of(bits: Tensor, exponent: Tensor, dims: int = 1) -> _Steps:
@@ -93,8 +93,8 @@ class _Steps(NamedTuple):
         rows = torch.stack((exponent, exponent, bits, bits, exponent, exponent + bits))
         steps = torch.addcmul(offset, pow2(torch.addcmul(arg_offset, rows, arg_sign)), sign)
         scale, inv_scale, lo, hi, _, _ = steps.view(6, -1, *(1,) * dims).unbind()
-        _, _, _, _, grad_e, grad_b = steps.unbind()
-        return _Steps(scale, inv_scale, lo, hi, grad_e, grad_b)
+        _, _, _, _, e_factor, b_factor = steps.unbind()
+        return _Steps(scale, inv_scale, lo, hi, e_factor, b_factor)
 
     def rows(self, start: int, stop: int) -> _Steps:
         """Channels ``[start, stop)``."""
@@ -145,12 +145,12 @@ def _quantize_backward(
     clamped = torch.maximum(x, steps.lo)
     torch.minimum(clamped, steps.hi, out=clamped)
     side = torch.sub(x, clamped, out=x).sign_()  # +1 clipped above, -1 clipped below, 0 inside
-    grad_b = _row_dot(grad, side).mul_(steps.grad_b) if needs[1] else None
+    grad_b = _row_dot(grad, side).mul_(steps.b_factor) if needs[1] else None
     outside = side.abs_()
     grad_e = None
     if needs[2]:
         residual = torch.round(clamped).sub_(clamped).addcmul_(outside, clamped)  # r - x inside, r clipped
-        grad_e = _row_dot(grad, residual).mul_(steps.grad_e)
+        grad_e = _row_dot(grad, residual).mul_(steps.e_factor)
     grad_w = torch.addcmul(grad, grad, outside, value=-1.0) if needs[0] else None  # grad inside, exactly 0 clipped
     return grad_w, grad_b, grad_e
 

@@ -114,8 +114,9 @@ class _Group:
     def restack(self, tensors: Sequence[Tensor], slot: int, stamp: object) -> Tensor:
         """:meth:`stack`, or the workspace as it is when the last ``stack`` into ``slot`` was the one marked
         ``stamp`` (the same tensors, unchanged: autograd refuses saved tensors changed in place)."""
-        if stamp is not None and self._stamps.get((slot, tensors[self.members[0]].device)) is stamp:
-            return self._workspace[(slot, tensors[self.members[0]].device)][0]
+        key = (slot, tensors[self.members[0]].device)
+        if stamp is not None and self._stamps.get(key) is stamp:
+            return self._workspace[key][0]
         return self.stack(tensors, slot)
 
     def unstack(self, matrix: Tensor, out: list[Tensor | None], dtypes: Sequence[torch.dtype] | None = None) -> None:
