@@ -22,6 +22,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
@@ -54,6 +56,9 @@ except ImportError:  # pragma: no cover - older or newer torch
     _FUSED_DEVICES = frozenset({"cuda", "cpu"})
 
 PreservationData = Dataset | DataLoader | PreservationSet
+
+DEFAULT_PRESERVATION_BATCH = 32
+"""Largest preservation batch when ``preservation_batch_size`` is ``None`` (smaller training batches set it)."""
 
 
 def _batched_update(group: dict[str, Any], device: torch.device | None) -> None:
@@ -92,7 +97,9 @@ class SafetyGuidedQuantization(Callback):
             then; 0 scores the model as it is at fit start). Until then there is no preservation loss or feedback.
         preservation_pool: candidates scored (a seeded random subset of the training data); ``None``: all.
         balance_classes: cap each class at ``ceil(preservation_size / classes)`` examples of the set.
-        preservation_batch_size: batch size of preservation batches.
+        preservation_batch_size: batch size of preservation batches. ``None``: the training batch size, at most
+            ``DEFAULT_PRESERVATION_BATCH`` (32), read from the first training batch of each fit: a preservation
+            step then never costs more than a training step (a fixed 32 doubled it for a training batch of 16).
         preservation_every_n_steps: add the preservation loss on every n-th training step only; its extra forward
             and backward are most of the callback's cost per step (1: every step). Its weight is not scaled up on
             those steps: weighting it ``n`` times inflated Adam's second moment of ``b`` and slowed compression
@@ -128,7 +135,7 @@ class SafetyGuidedQuantization(Callback):
         quantizer_lr: float = 0.01,
         preservation_data: PreservationData | None = None,
         preservation_size: int = 256,
-        preservation_batch_size: int = 32,
+        preservation_batch_size: int | None = None,
         preservation_every_n_steps: int = 8,
         preservation_source: Dataset | DataLoader | None = None,
         preservation_fractions: dict[str, float] | None = None,
@@ -171,7 +178,7 @@ class SafetyGuidedQuantization(Callback):
                 )
             )
         check_int("preservation_size", preservation_size, 0)
-        check_int("preservation_batch_size", preservation_batch_size, 1)
+        check_int("preservation_batch_size", preservation_batch_size, 1, allow_none=True)
         check_int("preservation_warmup_epochs", preservation_warmup_epochs, 0)
         check_int("preservation_pool", preservation_pool, 1, allow_none=True)
         check_int("preservation_every_n_steps", preservation_every_n_steps, 1)
@@ -213,6 +220,7 @@ class SafetyGuidedQuantization(Callback):
         self.preservation_set: PreservationSet | None = None
         self._preservation_iter: PreservationSampler | None = None
         self._preservation_draws = 0
+        self._train_batch_size: int | None = None  # of the first training batch of this fit
         self._preservation_indices: list[int] | None = None
         self._preservation_chosen_by: list[str] = []
         self._warned_no_dataset = False
@@ -249,6 +257,7 @@ class SafetyGuidedQuantization(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_batch_size = None  # this fit's loader may batch differently from the last one's
         # Pruned masks are buffers: a checkpoint's load after `setup`, so read them here, not in `setup`.
         self._any_pruned = any(bool(layer.pruned.any()) for layer in self._layers)
         if trainer.optimizers:
@@ -365,15 +374,39 @@ class SafetyGuidedQuantization(Callback):
         finally:
             pl_module.train(was_training)
         self.preservation_set = pset
-        self._preservation_iter = self.preservation_set.sampler(
-            self.preservation_batch_size, self.seed, draws=self._preservation_draws
-        )
+        self._preservation_iter = None  # made at the first draw, when the training batch size is known
         rank_zero_info(f"[sgsc] preservation set: {len(pset)} examples")
+
+    @property
+    def effective_preservation_batch_size(self) -> int:
+        """The batch size preservation batches are drawn at: ``preservation_batch_size``, or the training batch
+        size capped at ``DEFAULT_PRESERVATION_BATCH`` (that cap alone before the first training batch)."""
+        if self.preservation_batch_size is not None:
+            return self.preservation_batch_size
+        return min(DEFAULT_PRESERVATION_BATCH, self._train_batch_size or DEFAULT_PRESERVATION_BATCH)
 
     def next_preservation_batch(self) -> Any:
         """The next preservation batch (seeded shuffled passes over the set), already on the model's device."""
-        assert self._preservation_iter is not None
+        if self._preservation_iter is None:
+            assert self.preservation_set is not None
+            self._preservation_iter = self.preservation_set.sampler(
+                self.effective_preservation_batch_size, self.seed, draws=self._preservation_draws
+            )
         return next(self._preservation_iter)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._train_batch_size is None and self.preservation_batch_size is None:
+            try:
+                self._train_batch_size = extract_batch_size(batch)
+            except MisconfigurationException:
+                self._train_batch_size = DEFAULT_PRESERVATION_BATCH
+                rank_zero_warn(
+                    "[sgsc] no batch size found in the training batch; preservation batches of"
+                    f" {DEFAULT_PRESERVATION_BATCH}. Pass `preservation_batch_size=` to choose."
+                )
 
     # ---------------------------------------------------------------------------------------------- loss terms
 
@@ -473,7 +506,7 @@ class SafetyGuidedQuantization(Callback):
 
     def _evaluation_batches(self) -> Iterator[Any]:
         assert self.preservation_set is not None
-        return self.preservation_set.batches(max(self.preservation_batch_size, 256))
+        return self.preservation_set.batches(max(self.effective_preservation_batch_size, 256))
 
     def _log_size(self, pl_module: pl.LightningModule) -> None:
         size = model_size(pl_module)
@@ -495,7 +528,9 @@ class SafetyGuidedQuantization(Callback):
             "swapped_layers": list(self.swapped_layers),
             "preservation_indices": self._preservation_indices,
             "preservation_chosen_by": list(self._preservation_chosen_by),
-            "preservation_draws": self._preservation_iter.draws if self._preservation_iter is not None else 0,
+            "preservation_draws": (
+                self._preservation_iter.draws if self._preservation_iter is not None else self._preservation_draws
+            ),
         }
 
     @override

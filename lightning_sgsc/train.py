@@ -42,7 +42,7 @@ class SGSCSchema:
     preservation_weight: float | None = None
     quantizer_lr: float = 0.01
     preservation_size: int = 256
-    preservation_batch_size: int = 32
+    preservation_batch_size: int | None = None
     preservation_every_n_steps: int = 8
     preservation_fractions: dict[str, float] = field(
         default_factory=lambda: {"gradcam": 1 / 3, "uncertainty": 1 / 3, "kmeans": 1 / 3}

@@ -26,12 +26,13 @@ def _last_json(stdout: str) -> dict:
 def test_overhead_prints_a_ratio_per_model_and_peak_memory_when_scaling():
     out = subprocess.run(
         [sys.executable, "experiments/bench/overhead.py", "--steps", "4", "--rounds", "1", "--scaling",
-         "--models", "char_transformer_l8", "--preservation-batch-size", "16"],
+         "--models", "char_transformer_l8"],
         cwd=ROOT, check=True, capture_output=True, text=True,
     )  # fmt: skip
     summary = _last_json(out.stdout)
-    assert set(summary["ratio"]) == {"char_transformer_l8"} and summary["preservation_batch_size"] == 16
+    assert set(summary["ratio"]) == {"char_transformer_l8"} and summary["preservation_batch_size"] is None
     (deep,) = summary["results"]
+    assert deep["preservation_batch_size"] == 16  # the callback's default follows the training batch of 16
     assert deep["params"] > 400_000  # 8 layers: twice the blocks of the 205,595-parameter default
     assert deep["ratio"] > 0 and deep["quantizer_ms"] > 0 and deep["sgsc_peak_mib"] >= 0
 

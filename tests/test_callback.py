@@ -347,3 +347,48 @@ def test_the_b_e_group_gets_a_batched_update_unless_the_user_chose_one(optimizer
     group = {k: v for k, v in optimizer([torch.nn.Parameter(torch.zeros(2))], lr=0.1, **kwargs).defaults.items()}
     _batched_update(group, torch.device("cpu"))
     assert {k: group.get(k) for k in expected} == expected
+
+
+class BatchedAt(TinyClassifier):
+    """TinyClassifier whose training loader batches ``batch`` examples; records the size of each preservation batch
+    of a training step (not the callback's 2-example check of the set, made in eval mode)."""
+
+    def __init__(self, batch: int) -> None:
+        super().__init__(n=160)  # three batches of 48
+        self.batch = batch
+        self.preservation_sizes: list[int] = []
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.data, batch_size=self.batch, shuffle=True)
+
+    def preservation_step(self, batch):
+        if self.training:
+            self.preservation_sizes.append(len(batch[0]))
+        return super().preservation_step(batch)
+
+
+@pytest.mark.parametrize(("train_batch", "given", "expected"), [(8, None, 8), (48, None, 32), (8, 5, 5), (48, 40, 40)])
+def test_preservation_batches_follow_the_training_batch_up_to_32_unless_given(tmp_path, train_batch, given, expected):
+    model = BatchedAt(train_batch)
+    cb = SafetyGuidedQuantization(
+        preservation_data=blob_data(120, seed=3), preservation_batch_size=given, preservation_every_n_steps=1
+    )
+    cpu_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=3, limit_val_batches=0).fit(model)
+    assert model.preservation_sizes == [expected] * 3
+    assert cb.effective_preservation_batch_size == expected
+
+
+def test_a_second_fit_reads_its_own_training_batch(tmp_path):
+    model = BatchedAt(8)
+    cb = SafetyGuidedQuantization(preservation_data=blob_data(64, seed=3), preservation_every_n_steps=1)
+    cpu_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(model)
+    model.batch = 12
+    cpu_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(model)
+    assert model.preservation_sizes == [8, 8, 12, 12]
+
+
+def test_a_training_batch_without_a_size_falls_back_to_32_with_a_warning():
+    cb = SafetyGuidedQuantization()
+    with pytest.warns(UserWarning, match=r"no batch size found in the training batch; preservation batches of 32"):
+        cb.on_train_batch_start(None, None, {"text": ["a", "b"]}, 0)  # type: ignore[arg-type]
+    assert cb.effective_preservation_batch_size == 32

@@ -19,6 +19,8 @@ OK = [
     {"threshold": 0.0, "restore_fraction": 1.0, "restore_bits": 1, "min_channels": 0},  # OK
     {"include": ["net.*"], "exclude": ["net.head"]},  # OK
     {"reference": "first"},  # OK
+    {"preservation_batch_size": None},  # OK: the training batch, at most 32
+    {"preservation_batch_size": 1},  # OK
 ]
 
 BAD = [
@@ -44,7 +46,16 @@ BAD = [
         r"`preservation_data` must be a PreservationSet, torch Dataset or DataLoader",
     ),
     ({"preservation_size": -1}, SGSCValueError, r"`preservation_size` must be an integer >= 0, got -1\."),
-    ({"preservation_batch_size": 0}, SGSCValueError, r"`preservation_batch_size` must be an integer >= 1, got 0\."),
+    (
+        {"preservation_batch_size": 0},
+        SGSCValueError,
+        r"`preservation_batch_size` must be an integer >= 1 or None, got 0\.",
+    ),
+    (
+        {"preservation_batch_size": 8.0},
+        SGSCValueError,
+        r"`preservation_batch_size` must be an integer >= 1 or None, got 8\.0\.",
+    ),
     ({"threshold": -0.1}, SGSCValueError, r"`threshold` must be in \[0, inf\), got -0.1\."),
     ({"restore_fraction": 0}, SGSCValueError, r"`restore_fraction` must be in \(0, 1\], got 0\."),
     ({"restore_fraction": 1.5}, SGSCValueError, r"`restore_fraction` must be in \(0, 1\], got 1.5\."),
