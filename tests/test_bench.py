@@ -44,6 +44,11 @@ def test_overhead_ratio_is_the_median_of_the_rounds_so_one_shifted_fit_does_not_
     assert got["ratio_rounds"] == [1.2, 1.2, 0.923]
 
 
+def test_rounds_alternate_the_order_of_the_sides():
+    assert overhead.order(0) == ("float", "quantizer", "sgsc") == overhead.order(2)
+    assert overhead.order(1) == ("sgsc", "quantizer", "float")
+
+
 def test_the_scaling_models_grow_as_named():
     sizes = {
         name: sum(p.numel() for p in overhead._setup(name, 8)[0].parameters()) for name in overhead.SCALING.split(",")

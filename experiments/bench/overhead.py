@@ -3,7 +3,8 @@
     python experiments/bench/overhead.py [--steps 60] [--rounds 9] [--models digits_cnn,fashion_cnn,char_transformer]
     python experiments/bench/overhead.py --scaling          # FashionCNN width x1/x2/x4, CharTransformer 4/8 layers
 
-For each model three fits alternate in one process, ``--rounds`` times, ``--steps`` optimizer steps each:
+For each model three fits alternate in one process, ``--rounds`` times (in reverse order every other round, so a
+machine that speeds up or slows down favours no side), ``--steps`` optimizer steps each:
 
 * ``float``: the plain model (the mixin does nothing without the callback);
 * ``quantizer``: the callback without a preservation set (quantized twins, bit-depth term, fused quantizer);
@@ -100,6 +101,12 @@ def _callback(side: str, preservation_batch_size: int | None = None) -> list[pl.
     ]
 
 
+def order(round_: int) -> tuple[str, ...]:
+    """The sides in the order round ``round_`` runs them: reversed every other round, so a drift of the machine's
+    speed within a round favours no side."""
+    return SIDES if round_ % 2 == 0 else SIDES[::-1]
+
+
 def measure(
     name: str, steps: int, rounds: int, accelerator: str, preservation_batch_size: int | None = None
 ) -> dict[str, Any]:
@@ -110,8 +117,8 @@ def measure(
     per_round: dict[str, list[float]] = {side: [] for side in SIDES}  # mean step time of each fit
     steps_all: dict[str, list[float]] = {side: [] for side in SIDES}
     batch = None
-    for _ in range(rounds):
-        for side in SIDES:
+    for r in range(rounds):
+        for side in order(r):
             module, loader = modules[side]
             timer = StepTimer()
             callbacks = [*_callback(side, preservation_batch_size), timer]
