@@ -98,8 +98,9 @@ class SafetyGuidedQuantization(Callback):
         preservation_pool: candidates scored (a seeded random subset of the training data); ``None``: all.
         balance_classes: cap each class at ``ceil(preservation_size / classes)`` examples of the set.
         preservation_batch_size: batch size of preservation batches. ``None``: the training batch size, at most
-            ``DEFAULT_PRESERVATION_BATCH`` (32), read from the first training batch of each fit: a preservation
-            step then never costs more than a training step (a fixed 32 doubled it for a training batch of 16).
+            ``DEFAULT_PRESERVATION_BATCH`` (32), taken from the training loader's ``batch_size`` (else from the
+            first training batch) once per fit: a preservation step then never costs more than a training step (a
+            fixed 32 doubled it for a training batch of 16).
         preservation_every_n_steps: add the preservation loss on every n-th training step only; its extra forward
             and backward are most of the callback's cost per step (1: every step). Its weight is not scaled up on
             those steps: weighting it ``n`` times inflated Adam's second moment of ``b`` and slowed compression
@@ -399,6 +400,11 @@ class SafetyGuidedQuantization(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._train_batch_size is None and self.preservation_batch_size is None:
+            # The loader's batch_size first: a resumed fit may start on an epoch's last, smaller batch.
+            size = getattr(trainer.train_dataloader, "batch_size", None)
+            if isinstance(size, int) and size > 0:
+                self._train_batch_size = size
+                return
             try:
                 self._train_batch_size = extract_batch_size(batch)
             except MisconfigurationException:

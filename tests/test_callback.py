@@ -1,5 +1,7 @@
 """The callback and the mixin in a real CPU Trainer."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -387,8 +389,17 @@ def test_a_second_fit_reads_its_own_training_batch(tmp_path):
     assert model.preservation_sizes == [8, 8, 12, 12]
 
 
+def test_the_loaders_batch_size_wins_over_a_smaller_first_batch():
+    # A fit resumed at an epoch's last batch starts on a partial batch; the loader says what the batches are.
+    cb = SafetyGuidedQuantization()
+    trainer = SimpleNamespace(train_dataloader=torch.utils.data.DataLoader(blob_data(30), batch_size=24))
+    cb.on_train_batch_start(trainer, None, (torch.zeros(6, 1, 8, 8), torch.zeros(6)), 0)  # type: ignore[arg-type]
+    assert cb.effective_preservation_batch_size == 24
+
+
 def test_a_training_batch_without_a_size_falls_back_to_32_with_a_warning():
     cb = SafetyGuidedQuantization()
+    trainer = SimpleNamespace(train_dataloader=None)
     with pytest.warns(UserWarning, match=r"no batch size found in the training batch; preservation batches of 32"):
-        cb.on_train_batch_start(None, None, {"text": ["a", "b"]}, 0)  # type: ignore[arg-type]
+        cb.on_train_batch_start(trainer, None, {"text": ["a", "b"]}, 0)  # type: ignore[arg-type]
     assert cb.effective_preservation_batch_size == 32
