@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_sgsc import SafetyGuidedQuantization
 
@@ -15,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments" / "bench"))
 
 import overhead  # noqa: E402
+import overhead_parts  # noqa: E402
 import peers  # noqa: E402
 
 
@@ -47,6 +49,46 @@ def test_overhead_ratio_is_the_median_of_the_rounds_so_one_shifted_fit_does_not_
 def test_rounds_alternate_the_order_of_the_sides():
     assert overhead.order(0) == ("float", "quantizer", "sgsc") == overhead.order(2)
     assert overhead.order(1) == ("sgsc", "quantizer", "float")
+
+
+def test_overhead_parts_no_math_copies_the_weights_and_the_real_quantizer_comes_back():
+    from lightning_sgsc.examples import DigitsCNN
+    from lightning_sgsc.quant import quantize_, quantized_layers
+    from lightning_sgsc.quant.fused import FusedQuantizer
+
+    net = DigitsCNN()
+    quantize_(net, init_bits=2)
+    layers = [m for _, m in quantized_layers(net)]
+    overhead_parts.use("no_math")
+    try:
+        _, copied = FusedQuantizer(layers).quantize_all()
+    finally:
+        overhead_parts.use("quantizer")
+    _, quantized = FusedQuantizer(layers).quantize_all()
+    assert all(torch.equal(q, m.weight) for q, m in zip(copied, layers, strict=True))
+    assert not any(torch.equal(q, m.weight) for q, m in zip(quantized, layers, strict=True))  # 2 bits: rounded
+
+
+def test_overhead_parts_freezes_only_bits_and_exponents():
+    from lightning_sgsc.examples import DigitsCNN
+    from lightning_sgsc.quant import quantize_
+
+    net = DigitsCNN()
+    quantize_(net, init_bits=8)
+    overhead_parts.FreezeQuantizerParameters().on_fit_start(None, net)  # type: ignore[arg-type]
+    frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in net.named_parameters() if n.endswith(("bits", "exponent"))} and frozen
+
+
+@pytest.mark.slow
+def test_overhead_parts_prints_every_variant():
+    out = subprocess.run(
+        [sys.executable, "experiments/bench/overhead_parts.py", "--steps", "5", "--rounds", "2"],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    variants = _last_json(out.stdout)["variants"]
+    assert list(variants) == list(overhead_parts.VARIANTS) and variants["float"]["ratio"] == 1.0
+    assert all(v["ms"] > 0 for v in variants.values())
 
 
 def test_the_scaling_models_grow_as_named():

@@ -1,0 +1,137 @@
+"""Where the quantizer-only overhead goes: the fused quantizer's arithmetic against its machinery.
+
+    python experiments/bench/overhead_parts.py [--model digits_cnn] [--steps 150] [--rounds 10]
+
+Four fits alternate in one process (reversed every other round), timed as in ``overhead.py``:
+
+* ``float``: the plain model;
+* ``quantizer``: the callback without a preservation set (as ``overhead.py``'s quantizer side);
+* ``no_math``: the same, with the quantizer's elementwise arithmetic replaced by a copy (forward: ``q = w``;
+  backward: ``dw = dq``, ``db = de = 0``): everything else stays, the one autograd Function, the stacking of the
+  layers into one matrix, the per-channel vectors, the extra gradients and the b/e optimizer group;
+* ``no_math_frozen_be``: ``no_math`` with ``bits`` and ``exponent`` frozen (``requires_grad=False`` at fit start):
+  no b/e gradients to accumulate, nothing for their optimizer group to update;
+* ``no_quantizer``: the twins compute with their float weights and the step quantizes nothing (the callback, the
+  mixin and the b/e param group stay, with no gradients).
+
+``quantizer - no_math`` is what the arithmetic costs; ``no_math - no_quantizer`` the machinery around it, of which
+``no_math - no_math_frozen_be`` is the b/e gradients and their optimizer group. The
+figures are diagnostics of where time goes (the fits are not training the model one would use). The last line is
+one JSON object with each variant's median ms per step and median ratio to ``float``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import statistics
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from overhead import StepTimer, _callback, _setup
+
+from lightning_sgsc.examples.training import quiet_trainer
+from lightning_sgsc.quant import fused, modules
+from lightning_sgsc.quant.modules import quantizer_parameters
+
+VARIANTS = ("float", "quantizer", "no_math", "no_math_frozen_be", "no_quantizer")
+_REAL = (
+    fused._quantize_forward,
+    fused._quantize_backward,
+    fused.FusedQuantizer.step,
+    modules.QuantizedLayer.quantized_weight,
+    fused.FusedQuantizer.bits_per_weight,
+)
+
+
+def _copy_forward(weight: torch.Tensor, steps: Any) -> torch.Tensor:
+    return weight.clone()
+
+
+def _copy_backward(weight: torch.Tensor, grad: torch.Tensor, steps: Any, needs: Any) -> tuple[torch.Tensor, ...]:
+    return grad.clone(), grad.new_zeros(grad.shape[0]), grad.new_zeros(grad.shape[0])
+
+
+@contextlib.contextmanager
+def _no_step(self: fused.FusedQuantizer) -> Iterator[fused.FusedQuantizer]:
+    yield self
+
+
+def _float_weight(self: modules.QuantizedLayer) -> torch.Tensor:
+    return self.weight
+
+
+def _zero_bits(self: fused.FusedQuantizer) -> torch.Tensor:
+    return torch.zeros(())
+
+
+def use(variant: str) -> None:
+    """Patches the quantizer for ``variant`` (``float`` and ``quantizer``: the real code)."""
+    forward, backward, step, weight, bits = _REAL
+    if variant.startswith("no_math"):
+        forward, backward = _copy_forward, _copy_backward
+    elif variant == "no_quantizer":
+        step, weight, bits = _no_step, _float_weight, _zero_bits
+    fused._quantize_forward, fused._quantize_backward = forward, backward
+    fused.FusedQuantizer.step = step  # type: ignore[method-assign]
+    modules.QuantizedLayer.quantized_weight = weight  # type: ignore[method-assign]
+    fused.FusedQuantizer.bits_per_weight = bits  # type: ignore[method-assign]
+
+
+class FreezeQuantizerParameters(pl.Callback):
+    """Sets ``requires_grad=False`` on every ``bits`` and ``exponent`` at fit start (after the swap)."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for p in quantizer_parameters(pl_module):
+            p.requires_grad_(False)
+
+
+def measure(name: str, steps: int, rounds: int) -> dict[str, Any]:
+    modules_ = {v: _setup(name, 8192) for v in VARIANTS}
+    per_round: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    try:
+        for r in range(rounds):
+            for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+                use(variant)
+                module, loader = modules_[variant]
+                timer = StepTimer()
+                side = "float" if variant == "float" else "quantizer"
+                freeze = [FreezeQuantizerParameters()] if variant == "no_math_frozen_be" else []
+                callbacks = [*_callback(side), *freeze, timer]
+                trainer = quiet_trainer(1, callbacks, max_steps=steps, limit_val_batches=0)
+                trainer.fit(module, train_dataloaders=loader)
+                per_round[variant].append(statistics.mean(timer.times[3:]))
+    finally:
+        use("quantizer")
+    base = per_round["float"]
+    return {
+        v: {
+            "ms": round(1e3 * statistics.median(t), 3),
+            "ratio": round(statistics.median([a / b for a, b in zip(t, base, strict=True)]), 3),
+        }
+        for v, t in per_round.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="digits_cnn")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    result = measure(args.model, args.steps, args.rounds)
+    for variant, r in result.items():
+        print(f"{variant:>14}: {r['ms']:.3f} ms/step, {r['ratio']:.3f}x float", flush=True)
+    summary = {"model": args.model, "threads": torch.get_num_threads(), "steps": args.steps, "rounds": args.rounds}
+    print(json.dumps({**summary, "variants": result}))
+
+
+if __name__ == "__main__":
+    main()
