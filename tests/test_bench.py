@@ -80,6 +80,15 @@ def test_overhead_parts_freezes_only_bits_and_exponents():
     assert frozen == {n for n, _ in net.named_parameters() if n.endswith(("bits", "exponent"))} and frozen
 
 
+def test_flat_be_times_both_layouts_and_routes_every_gradient():
+    times = overhead_parts.flat_be([3, 2], n=10, repeats=1)
+    assert set(times) == {"adam_per_layer_us", "adam_flat_us", "grads_per_layer_us", "grads_flat_us"}
+    assert all(v > 0 for v in times.values())
+    leaves = [torch.nn.Parameter(torch.zeros(c)) for c in (3, 2, 3, 2)]  # b1, b2, e1, e2
+    overhead_parts._ToLeaves.apply([3, 2], *leaves).backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in leaves)
+
+
 @pytest.mark.slow
 def test_overhead_parts_prints_every_variant():
     out = subprocess.run(

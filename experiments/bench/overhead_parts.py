@@ -1,6 +1,7 @@
 """Where the quantizer-only overhead goes: the fused quantizer's arithmetic against its machinery.
 
     python experiments/bench/overhead_parts.py [--model digits_cnn] [--steps 150] [--rounds 10]
+    python experiments/bench/overhead_parts.py --flat-be   # what one flat b/e tensor pair would save (DigitsCNN)
 
 Four fits alternate in one process (reversed every other round), timed as in ``overhead.py``:
 
@@ -18,6 +19,10 @@ Four fits alternate in one process (reversed every other round), timed as in ``o
 ``no_math - no_math_frozen_be`` is the b/e gradients and their optimizer group. The
 figures are diagnostics of where time goes (the fits are not training the model one would use). The last line is
 one JSON object with each variant's median ms per step and median ratio to ``float``.
+
+``--flat-be`` instead times, in a tight loop, the two costs that one flat ``bits`` and one flat ``exponent`` tensor
+for all layers (instead of a pair per layer) would change: the fused Adam step of the b/e group, and an autograd
+Function handing its b/e gradients to 6 leaves (the DigitsCNN's three layers) against 2.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import contextlib
 import json
 import logging
 import statistics
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -118,12 +124,76 @@ def measure(name: str, steps: int, rounds: int) -> dict[str, Any]:
     }
 
 
+class _ToLeaves(torch.autograd.Function):
+    """Forward: a scalar from the first input; backward: a flat gradient for all channels, split per leaf as the
+    fused quantizer does (or whole, for one leaf each of b and e)."""
+
+    @staticmethod
+    def forward(ctx: Any, sizes: list[int], *leaves: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.sizes, ctx.split = sizes, len(leaves) > 2
+        return leaves[0].sum() * 0
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        b, e = torch.ones(sum(ctx.sizes)), torch.ones(sum(ctx.sizes))
+        if not ctx.split:
+            return None, b, e
+        return None, *b.split_with_sizes(ctx.sizes), *e.split_with_sizes(ctx.sizes)
+
+
+def flat_be(sizes: list[int], n: int = 2000, repeats: int = 7) -> dict[str, float]:
+    """Median microseconds per call of the b/e optimizer step and gradient routing, per layer pairs vs flat."""
+
+    def timed(fn: Any) -> float:
+        for _ in range(n // 10):
+            fn()
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            runs.append((time.perf_counter() - start) / n * 1e6)
+        return round(statistics.median(runs), 1)
+
+    per_layer = [torch.nn.Parameter(torch.rand(c)) for c in sizes for _ in range(2)]  # b, e of each layer
+    flat = [torch.nn.Parameter(torch.rand(sum(sizes))) for _ in range(2)]
+    adam_per_layer = torch.optim.Adam(per_layer, lr=0.01, fused=True)
+    adam_flat = torch.optim.Adam(flat, lr=0.01, fused=True)
+    for p in per_layer + flat:
+        p.grad = torch.rand_like(p)
+    bits, exponents = per_layer[0::2], per_layer[1::2]
+
+    def route(leaves: list[torch.nn.Parameter], inputs: list[torch.nn.Parameter]) -> None:
+        for p in leaves:
+            p.grad = None
+        _ToLeaves.apply(sizes, *inputs).backward()
+
+    return {
+        "adam_per_layer_us": timed(adam_per_layer.step),
+        "adam_flat_us": timed(adam_flat.step),
+        "grads_per_layer_us": timed(lambda: route(per_layer, [*bits, *exponents])),
+        "grads_flat_us": timed(lambda: route(flat, flat)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="digits_cnn")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--flat-be", action="store_true", help="time what one flat b/e pair would change")
     args = parser.parse_args()
+    if args.flat_be:
+        from lightning_sgsc.examples import DigitsCNN
+        from lightning_sgsc.quant import quantize_, quantized_layers
+
+        net = DigitsCNN()
+        quantize_(net)
+        sizes = [m.out_channels_ for _, m in quantized_layers(net)]
+        times = flat_be(sizes)
+        print(f"b/e of {sizes} channels: " + ", ".join(f"{k} {v}" for k, v in times.items()), flush=True)
+        print(json.dumps({"sizes": sizes, **times}))
+        return
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     result = measure(args.model, args.steps, args.rounds)
