@@ -221,7 +221,7 @@ class SafetyGuidedQuantization(Callback):
         self.preservation_set: PreservationSet | None = None
         self._preservation_iter: PreservationSampler | None = None
         self._preservation_draws = 0
-        self._train_batch_size: int | None = None  # of the first training batch of this fit
+        self._train_batch_size: int | None = None  # this fit's, from its loader or first batch
         self._preservation_indices: list[int] | None = None
         self._preservation_chosen_by: list[str] = []
         self._warned_no_dataset = False

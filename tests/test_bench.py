@@ -49,6 +49,7 @@ def test_overhead_ratio_is_the_median_of_the_rounds_so_one_shifted_fit_does_not_
 def test_rounds_alternate_the_order_of_the_sides():
     assert overhead.order(0) == ("float", "quantizer", "sgsc") == overhead.order(2)
     assert overhead.order(1) == ("sgsc", "quantizer", "float")
+    assert overhead.order(1, overhead_parts.VARIANTS) == overhead_parts.VARIANTS[::-1]  # the parts bench too
 
 
 def test_overhead_parts_no_math_copies_the_weights_and_the_real_quantizer_comes_back():

@@ -101,10 +101,14 @@ def _callback(side: str, preservation_batch_size: int | None = None) -> list[pl.
     ]
 
 
-def order(round_: int) -> tuple[str, ...]:
-    """The sides in the order round ``round_`` runs them: reversed every other round, so a drift of the machine's
+WARMUP_STEPS = 3
+"""Steps dropped at the start of every fit."""
+
+
+def order(round_: int, sides: tuple[str, ...] = SIDES) -> tuple[str, ...]:
+    """``sides`` in the order round ``round_`` runs them: reversed every other round, so a drift of the machine's
     speed within a round favours no side."""
-    return SIDES if round_ % 2 == 0 else SIDES[::-1]
+    return sides if round_ % 2 == 0 else sides[::-1]
 
 
 def measure(
@@ -124,7 +128,7 @@ def measure(
             callbacks = [*_callback(side, preservation_batch_size), timer]
             trainer = quiet_trainer(1, callbacks, max_steps=steps, limit_val_batches=0, accelerator=accelerator)
             trainer.fit(module, train_dataloaders=loader)
-            times = timer.times[3:]  # the first 3 steps of every fit are warm-up
+            times = timer.times[WARMUP_STEPS:]
             per_round[side].append(statistics.mean(times))
             steps_all[side] += times
             if side == "sgsc":

@@ -3,7 +3,7 @@
     python experiments/bench/overhead_parts.py [--model digits_cnn] [--steps 150] [--rounds 10]
     python experiments/bench/overhead_parts.py --flat-be   # what one flat b/e tensor pair would save (DigitsCNN)
 
-Four fits alternate in one process (reversed every other round), timed as in ``overhead.py``:
+Five fits alternate in one process (reversed every other round), timed as in ``overhead.py``:
 
 * ``float``: the plain model;
 * ``quantizer``: the callback without a preservation set (as ``overhead.py``'s quantizer side);
@@ -39,7 +39,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from overhead import StepTimer, _callback, _setup
+from overhead import WARMUP_STEPS, StepTimer, _callback, _setup, order
 
 from lightning_sgsc.examples.training import quiet_trainer
 from lightning_sgsc.quant import fused, modules
@@ -102,7 +102,7 @@ def measure(name: str, steps: int, rounds: int) -> dict[str, Any]:
     per_round: dict[str, list[float]] = {v: [] for v in VARIANTS}
     try:
         for r in range(rounds):
-            for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+            for variant in order(r, VARIANTS):
                 use(variant)
                 module, loader = modules_[variant]
                 timer = StepTimer()
@@ -111,7 +111,7 @@ def measure(name: str, steps: int, rounds: int) -> dict[str, Any]:
                 callbacks = [*_callback(side), *freeze, timer]
                 trainer = quiet_trainer(1, callbacks, max_steps=steps, limit_val_batches=0)
                 trainer.fit(module, train_dataloaders=loader)
-                per_round[variant].append(statistics.mean(timer.times[3:]))
+                per_round[variant].append(statistics.mean(timer.times[WARMUP_STEPS:]))
     finally:
         use("quantizer")
     base = per_round["float"]
