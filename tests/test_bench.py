@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -119,8 +120,8 @@ def test_overhead_sides_use_the_callback_defaults_unless_a_preservation_batch_is
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_peers_runs_every_method_it_can_import_and_checks_the_front(tmp_path, jobs):
+@pytest.mark.parametrize(("jobs", "seeds"), [(1, "0"), (2, "0,1")])
+def test_peers_runs_every_method_it_can_import_and_checks_the_front(tmp_path, jobs, seeds):
     out = subprocess.run(
         [
             sys.executable,
@@ -135,17 +136,23 @@ def test_peers_runs_every_method_it_can_import_and_checks_the_front(tmp_path, jo
             str(tmp_path),
             "--jobs",
             str(jobs),
+            "--seeds",
+            seeds,
         ],
         cwd=ROOT,
         check=True,
         capture_output=True,
         text=True,
     )
-    assert _last_json(out.stdout)["points"] == len(peers.SETTINGS["sgsc"]) + 2 + 3
+    n_seeds = len(seeds.split(","))
+    points = len(peers.SETTINGS["sgsc"]) + 2 + 3
+    assert _last_json(out.stdout)["points"] == points and _last_json(out.stdout)["runs"] == points * n_seeds
     saved = json.loads((tmp_path / "peers.json").read_text())
     assert [r["method"] for r in saved["results"]] == ["sgsc"] * len(peers.SETTINGS["sgsc"]) + ["paper"] * 2 + [
         "pruning"
     ] * 3
+    assert all(p["seeds"] == list(range(n_seeds)) for p in saved["results"])
+    assert [r["seed"] for r in saved["runs"]] == list(range(n_seeds)) * points
     assert len(saved["checks"]) == 5  # one per peer point
     assert (tmp_path / "peers.png").stat().st_size > 0 and "| pruning | 0.95 |" in (tmp_path / "peers.md").read_text()
 
@@ -165,10 +172,42 @@ def test_the_dominance_check_needs_a_smaller_and_at_least_as_accurate_point_of_o
     ]
     checks = {c["peer"]: c for c in peers.dominated_check(results)}
     assert set(checks) == {"brevitas-0.88", "brevitas-0.86", "diffq-0.95", "pruning-0.8"}
-    assert checks["brevitas-0.88"] == {"peer": "brevitas-0.88", "ours": "sgsc-0.9", "matched": True}
+    assert checks["brevitas-0.88"] == {"peer": "brevitas-0.88", "ours": "sgsc-0.9", "matched": True, "margin": 2.0}
     assert checks["brevitas-0.86"]["matched"] is False  # ours at >= 0.86 needs 100 bytes, more than 40
-    assert checks["diffq-0.95"] == {"peer": "diffq-0.95", "ours": None, "matched": False}
-    assert checks["pruning-0.8"] == {"peer": "pruning-0.8", "ours": "sgsc_b2-0.81", "matched": True}
+    assert checks["diffq-0.95"] == {"peer": "diffq-0.95", "ours": None, "matched": False, "margin": None}
+    assert checks["pruning-0.8"] == {"peer": "pruning-0.8", "ours": "sgsc_b2-0.81", "matched": True, "margin": 1.0}
+
+
+def test_points_are_the_means_over_their_seeds_and_the_check_uses_them():
+    def run(method, setting, seed, acc, nbytes):
+        return {
+            "method": method, "setting": setting, "run": f"{method}-{setting:g}", "seed": seed,
+            "test_metric_name": "test/acc", "test_metric": acc, "file_bytes": nbytes, "train_seconds": 10.0 + seed,
+        }  # fmt: skip
+
+    runs = [run("sgsc", 0.1, 0, 0.90, 100), run("sgsc", 0.1, 1, 0.84, 110), run("brevitas", 4, 0, 0.88, 200)]
+    runs.append(run("brevitas", 4, 1, 0.86, 200))
+    ours, peer = peers.aggregate(runs)
+    assert ours["seeds"] == [0, 1] and ours["test_metric"] == 0.87 and ours["test_metric_min"] == 0.84
+    assert ours["test_metric_std"] == round(statistics.stdev([0.90, 0.84]), 4) and ours["file_bytes"] == 105
+    assert ours["file_bytes_max"] == 110 and ours["train_seconds"] == 10.5
+    assert peer["test_metric"] == 0.87 and peer["run"] == "brevitas-4"
+    # one seed of ours (0.84) is below the peer's mean, the means are equal: matched, by 0 points
+    assert peers.dominated_check([ours, peer]) == [
+        {"peer": "brevitas-4", "ours": "sgsc-0.1", "matched": True, "margin": 0.0}
+    ]
+    text = peers.markdown([ours, peer], peers.dominated_check([ours, peer]), "header")
+    assert "test acc (mean ± sd, 2 seeds)" in text and "| sgsc | 0.1 | 87.00 ± 4.24 % | 105 |" in text
+    assert "| brevitas-4 | sgsc-0.1 | yes | +0.00 points |" in text
+    single = peers.aggregate(runs[:1])
+    assert single[0]["test_metric_std"] == 0.0 and "| 90.00 % |" in peers.markdown(single, [], "h")
+
+
+@pytest.mark.parametrize("text", ["", "a", "0,0", "-1", "1,,2"])
+def test_peers_refuses_seeds_that_are_not_distinct_non_negative_integers(text):
+    with pytest.raises(SystemExit, match="--seeds"):
+        peers.parse_seeds(text)
+    assert peers.parse_seeds("2,0,1") == [2, 0, 1]
 
 
 def test_pruning_size_counts_the_mask_the_int8_non_zeros_scales_and_biases():

@@ -2,6 +2,7 @@
 
     python experiments/bench/peers.py [--steps 1000] [--methods sgsc,paper,diffq,brevitas,pruning] [--data fashion]
                                       [--jobs 2]   # runs at a time, each in its own process with 1 thread
+                                      [--seeds 0,1,2]   # every point once per seed; the check uses the means
 
 Every method trains the same ``FashionCNN`` from the same seed on the same Fashion-MNIST subset (``--train-limit``
 training images, batch 64, AdamW 1e-3, ``--steps`` steps) and is scored on the 10,000 test images. Sizes are true
@@ -24,9 +25,14 @@ bytes of what a user would ship:
   int8 weight-only post-training quantization (per-channel symmetric); bytes = one-bit occupancy mask + the int8
   non-zeros + float32 scales and biases.
 
+With ``--seeds``, every point (method and setting) trains once per seed (model initialisation, batch order and
+the callback's ``seed``; the data subset stays the same) and is reported as the mean over its seeds (accuracy
+± its standard deviation, mean bytes); every run is kept in ``peers.json`` under ``runs``.
+
 Prints one table, writes ``peers.json`` / ``peers.md`` / ``peers.png`` (test accuracy against bytes, log scale,
 one front per method) into ``--out``, and checks the target: every peer point is matched or beaten (fewer or equal
-bytes and higher or equal accuracy) by one of ours. The last line is one JSON object.
+bytes and higher or equal accuracy, means over the seeds) by one of ours, with the accuracy margin in points. The
+last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import math
 import multiprocessing
 import pickle
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -135,10 +142,12 @@ class RandomRestores(SafetyGuidedQuantization):
         return {name: torch.rand(layer.out_channels_, generator=g) for name, layer in quantized_layers(pl_module)}
 
 
-def _ours(setting: float, paper: bool, **kwargs: Any) -> tuple[ClassifierModule, list[pl.Callback], Callable[..., int]]:
+def _ours(
+    setting: float, paper: bool, seed: int = 0, **kwargs: Any
+) -> tuple[ClassifierModule, list[pl.Callback], Callable[..., int]]:
     module = ClassifierModule(FashionCNN())
     kind = RandomRestores if paper else SafetyGuidedQuantization
-    callback = kind(bit_weight=setting, seed=0, **kwargs)
+    callback = kind(bit_weight=setting, seed=seed, **kwargs)
 
     def size(model: ClassifierModule) -> int:
         with tempfile.TemporaryDirectory() as tmp:
@@ -235,9 +244,13 @@ def _pruning(setting: float) -> tuple[pl.LightningModule, list[pl.Callback], Cal
     return module, [pruning], size
 
 
-def build(method: str, setting: float) -> tuple[pl.LightningModule, list[pl.Callback], Callable[..., int]]:
+def build(
+    method: str, setting: float, seed: int = 0
+) -> tuple[pl.LightningModule, list[pl.Callback], Callable[..., int]]:
+    """The module, callbacks and size function of one point; ``seed`` is the callback's (ours and the paper's
+    recipe); the peers' randomness comes from the global seed :func:`run_one` sets."""
     if method in OURS or method == "paper":
-        return _ours(setting, paper=method == "paper", **OURS.get(method, {}))
+        return _ours(setting, paper=method == "paper", seed=seed, **OURS.get(method, {}))
     return {"diffq": _diffq, "brevitas": _brevitas, "pruning": _pruning}[method](setting)
 
 
@@ -255,9 +268,9 @@ def available(method: str) -> bool:
 # ----------------------------------------------------------------------------------------------------------- runs
 
 
-def run_one(method: str, setting: float, data: pl.LightningDataModule, steps: int) -> dict[str, Any]:
-    pl.seed_everything(0, verbose=False)
-    module, callbacks, size = build(method, setting)
+def run_one(method: str, setting: float, data: pl.LightningDataModule, steps: int, seed: int = 0) -> dict[str, Any]:
+    pl.seed_everything(seed, verbose=False)
+    module, callbacks, size = build(method, setting, seed)
     trainer = quiet_trainer(
         -1,
         callbacks,
@@ -276,6 +289,7 @@ def run_one(method: str, setting: float, data: pl.LightningDataModule, steps: in
         "method": method,
         "setting": setting,
         "run": f"{method}-{setting:g}",
+        "seed": seed,
         "test_metric_name": "test/acc",
         "test_metric": round(acc, 4),
         "file_bytes": nbytes,
@@ -296,13 +310,43 @@ def _test_accuracy(module: pl.LightningModule, data: pl.LightningDataModule) -> 
     return correct / total
 
 
-def _run_in_worker(job: tuple[str, float, str, int, int]) -> dict[str, Any]:
+def _run_in_worker(job: tuple[str, float, str, int, int, int]) -> dict[str, Any]:
     """One run in a worker process (``--jobs``): 1 thread, its own copy of the data."""
-    method, setting, data_kind, train_limit, steps = job
+    method, setting, data_kind, train_limit, steps, seed = job
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    return run_one(method, setting, make_data(data_kind, train_limit), steps)
+    return run_one(method, setting, make_data(data_kind, train_limit), steps, seed)
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One point per method and setting (in the order first seen): the mean test accuracy over its seeds with
+    their standard deviation (0 for one seed), the mean bytes (and the largest), the mean train seconds."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["setting"]), []).append(r)
+    points = []
+    for (method, setting), group in groups.items():
+        accs = [r["test_metric"] for r in group]
+        nbytes = [r["file_bytes"] for r in group]
+        mean_bytes = round(statistics.mean(nbytes))
+        points.append(
+            {
+                "method": method,
+                "setting": setting,
+                "run": group[0]["run"],
+                "seeds": [r["seed"] for r in group],
+                "test_metric_name": group[0]["test_metric_name"],
+                "test_metric": round(statistics.mean(accs), 4),
+                "test_metric_std": round(statistics.stdev(accs), 4) if len(accs) > 1 else 0.0,
+                "test_metric_min": min(accs),
+                "file_bytes": mean_bytes,
+                "file_bytes_max": max(nbytes),
+                "of_float32": round(mean_bytes / FLOAT32_BYTES, 4),
+                "train_seconds": round(statistics.mean(r["train_seconds"] for r in group), 1),
+            }
+        )
+    return points
 
 
 def is_ours(method: str) -> bool:
@@ -310,31 +354,44 @@ def is_ours(method: str) -> bool:
 
 
 def dominated_check(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """For every peer point: the smallest of ours that is at least as accurate, and whether it is no larger."""
+    """For every peer point: the smallest of ours that is at least as accurate, whether it is no larger, and by
+    how many accuracy points it is ahead."""
     ours = [r for r in results if is_ours(r["method"])]
     rows = []
     for peer in (r for r in results if not is_ours(r["method"])):
         match = [o for o in ours if o["test_metric"] >= peer["test_metric"]]
         best = min(match, key=lambda o: o["file_bytes"]) if match else None
         ok = best is not None and best["file_bytes"] <= peer["file_bytes"]
-        rows.append({"peer": peer["run"], "ours": best["run"] if best else None, "matched": ok})
+        margin = round(100 * (best["test_metric"] - peer["test_metric"]), 2) if best else None
+        rows.append({"peer": peer["run"], "ours": best["run"] if best else None, "matched": ok, "margin": margin})
     return rows
 
 
-def markdown(results: list[dict[str, Any]], checks: list[dict[str, Any]], header: str) -> str:
+def markdown(points: list[dict[str, Any]], checks: list[dict[str, Any]], header: str) -> str:
+    """The points (means over their seeds when there are several) and the checks, as Markdown tables."""
+    seeds = max(len(p["seeds"]) for p in points)
+    acc = "test acc" if seeds == 1 else f"test acc (mean ± sd, {seeds} seeds)"
+    nbytes = "true bytes" if seeds == 1 else "true bytes (mean)"
     lines = [
         header,
         "",
-        "| method | setting | test acc | true bytes | of float32 | train s |",
+        f"| method | setting | {acc} | {nbytes} | of float32 | train s |",
         "|---|---|---|---|---|---|",
     ]
-    for r in results:
+    for p in points:
+        spread = f" ± {100 * p['test_metric_std']:.2f}" if len(p["seeds"]) > 1 else ""
         lines.append(
-            f"| {r['method']} | {r['setting']:g} | {100 * r['test_metric']:.2f} % | {r['file_bytes']:,} | "
-            f"{100 * r['of_float32']:.2f} % | {r['train_seconds']:.0f} |"
+            f"| {p['method']} | {p['setting']:g} | {100 * p['test_metric']:.2f}{spread} % | {p['file_bytes']:,} | "
+            f"{100 * p['of_float32']:.2f} % | {p['train_seconds']:.0f} |"
         )
-    lines += ["", "| peer point | ours, smallest at least as accurate | matched or beaten |", "|---|---|---|"]
-    lines += [f"| {c['peer']} | {c['ours'] or '—'} | {'yes' if c['matched'] else 'no'} |" for c in checks]
+    lines += [
+        "",
+        "| peer point | ours, smallest at least as accurate | matched or beaten | accuracy margin |",
+        "|---|---|---|---|",
+    ]
+    for c in checks:
+        margin = "—" if c["margin"] is None else f"{c['margin']:+.2f} points"
+        lines.append(f"| {c['peer']} | {c['ours'] or '—'} | {'yes' if c['matched'] else 'no'} | {margin} |")
     return "\n".join(lines) + "\n"
 
 
@@ -351,10 +408,12 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             continue
         front = pareto_front(runs)
         line = ax.plot([r["file_bytes"] for r in front], [100 * r["test_metric"] for r in front], "-", alpha=0.6)[0]
-        ax.plot(
+        ax.errorbar(  # bars: one standard deviation over the seeds (none for one seed)
             [r["file_bytes"] for r in runs],
             [100 * r["test_metric"] for r in runs],
-            "o",
+            yerr=[100 * r.get("test_metric_std", 0.0) for r in runs],
+            fmt="o",
+            capsize=2,
             color=line.get_color(),
             label=method,
         )
@@ -368,6 +427,17 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: distinct non-negative integers, comma-separated."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds: got {text!r}; allowed: distinct non-negative integers, comma-separated (0,1,2)")
+    return seeds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
@@ -376,9 +446,11 @@ def main() -> None:
     parser.add_argument("--data", choices=["fashion", "random"], default="fashion")
     parser.add_argument("--out", default="experiments/results/bench")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in a process with 1 thread")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; every point runs once per seed")
     args = parser.parse_args()
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+    seeds = parse_seeds(args.seeds)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     methods = args.methods.split(",")
@@ -390,10 +462,11 @@ def main() -> None:
         if not available(method):
             print(f"{method}: not installed (pip install {method}), skipped", flush=True)
             continue
-        jobs += [(method, setting, args.data, args.train_limit, args.steps) for setting in SETTINGS[method]]
+        for setting in SETTINGS[method]:
+            jobs += [(method, setting, args.data, args.train_limit, args.steps, seed) for seed in seeds]
     if args.jobs == 1:
         data = make_data(args.data, args.train_limit)
-        runs: Any = (run_one(method, setting, data, steps) for method, setting, _, _, steps in jobs)
+        runs: Any = (run_one(method, setting, data, steps, seed) for method, setting, _, _, steps, seed in jobs)
         threads = f"{torch.get_num_threads()} threads"
     else:
         pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
@@ -403,25 +476,34 @@ def main() -> None:
     for r in runs:  # in the order of the jobs, whatever order they finish in
         results.append(r)
         print(
-            f"{r['run']:>16}: test acc {100 * r['test_metric']:.2f} %, {r['file_bytes']:,} B "
+            f"{r['run']:>16} seed {r['seed']}: test acc {100 * r['test_metric']:.2f} %, {r['file_bytes']:,} B "
             f"({100 * r['of_float32']:.2f} % of float32), {r['train_seconds']:.0f} s",
             flush=True,
         )
-    checks = dominated_check(results)
+    points = aggregate(results)
+    checks = dominated_check(points)
     hardware = f"{platform.machine()} CPU, {threads}, torch {torch.__version__}"
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))} (means)"
     header = (
         f"FashionCNN, {args.data} data ({args.train_limit:,} training images), {args.steps} steps of batch 64, "
-        f"AdamW 1e-3, seed 0; {hardware}"
+        f"AdamW 1e-3, {seed_text}; {hardware}"
     )
-    text = markdown(results, checks, header)
+    text = markdown(points, checks, header)
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"setup": header, "results": results, "checks": checks, "all_matched": all(c["matched"] for c in checks)}
+    summary = {
+        "setup": header,
+        "seeds": seeds,
+        "results": points,
+        "runs": results,
+        "checks": checks,
+        "all_matched": all(c["matched"] for c in checks),
+    }
     (out / "peers.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "peers.md").write_text(text)
-    plot(results, out / "peers.png")
-    print(json.dumps({"all_matched": summary["all_matched"], "points": len(results)}))
+    plot(points, out / "peers.png")
+    print(json.dumps({"all_matched": summary["all_matched"], "points": len(points), "runs": len(results)}))
 
 
 if __name__ == "__main__":
