@@ -337,9 +337,11 @@ class SafetyGuidedQuantization(Callback):
             return
         if trainer.world_size > 1:  # rank 0 scores, every rank uses the same examples
             chosen = self._score_set(trainer, pl_module, dataset) if trainer.is_global_zero else None
-            indices, chosen_by = trainer.strategy.broadcast(
+            shared = trainer.strategy.broadcast(
                 (chosen.indices.tolist(), chosen.chosen_by) if chosen is not None else None, src=0
             )
+            assert shared is not None  # rank 0 always sends its choice
+            indices, chosen_by = shared
             pset = chosen if chosen is not None else PreservationSet.from_data(dataset, indices)
             pset.chosen_by = list(chosen_by)
         else:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -44,10 +44,11 @@ class PruneReport:
 
 
 def _zero_rows(layer: nn.Module) -> Tensor:
-    w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    weight, bias = cast(Tensor, layer.weight), cast("Tensor | None", layer.bias)
+    w = weight.detach().reshape(weight.shape[0], -1)
     zero = (w == 0).all(dim=1)
-    if layer.bias is not None:
-        zero &= layer.bias.detach() == 0
+    if bias is not None:
+        zero &= bias.detach() == 0
     return zero
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -93,12 +94,8 @@ def build_preservation_set(
         raise SGSCValueError(describe_rule("size", f"an integer from 1 to the pool size ({pool})", size))
     from torch.utils.data import Subset
 
-    loader = DataLoader(
-        Subset(dataset, candidates.tolist()),
-        batch_size=batch_size,
-        shuffle=False,
-        **({"collate_fn": collate} if collate is not None else {}),
-    )
+    extra: dict[str, Any] = {"collate_fn": collate} if collate is not None else {}
+    loader = DataLoader(Subset(dataset, candidates.tolist()), batch_size=batch_size, shuffle=False, **extra)
     device = next(model.parameters()).device
     batches = ([t.to(device) if isinstance(t, torch.Tensor) else t for t in b] for b in loader)
     scores = score_pool(
@@ -137,8 +134,8 @@ def build_preservation_set(
     pset.scores = {name: v[positions] for name, v in per_strategy.items()}
     pset.chosen_by = chosen_by
     histogram = Counter(int(t) for t in scores.targets[positions]) if scores.targets.dim() == 1 else Counter()
-    classes = f"classes {dict(sorted(histogram.items()))}; " if histogram else ""
+    by_class = f"classes {dict(sorted(histogram.items()))}; " if histogram else ""
     rank_zero_info(
-        f"[sgsc] preservation set: {size} of {pool} candidates; {classes}by strategy {dict(Counter(chosen_by))}"
+        f"[sgsc] preservation set: {size} of {pool} candidates; {by_class}by strategy {dict(Counter(chosen_by))}"
     )
     return pset

@@ -320,6 +320,7 @@ def score_pool(
                     if leaves:
                         per_seq.sum().backward()
                         e = leaves[0]
+                        assert e.grad is not None  # a leaf the loss depends on
                         attn_all.append((e.grad * e).abs().sum(-1).mean(-1).detach().float().cpu())
                 loss_all.append(per_seq.detach().cpu())
                 logits = logits.detach()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -163,13 +163,13 @@ class _Quantize(torch.autograd.Function):
     the backward."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, bits: Tensor, exponent: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, weight: Tensor, bits: Tensor, exponent: Tensor) -> Tensor:  # type: ignore[override]
         steps = _Steps.of(bits, exponent, weight.dim() - 1)
         ctx.save_for_backward(weight, *steps)
         return _quantize_forward(weight, steps)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
         weight, *steps = ctx.saved_tensors
         return _quantize_backward(weight, grad, _Steps(*steps), ctx.needs_input_grad)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -200,7 +201,7 @@ class _FusedQuantize(torch.autograd.Function):
     group's workspace (nothing stacked into it since), else stacks them again."""
 
     @staticmethod
-    def forward(ctx, plan: _Plan, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, plan: _Plan, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         n = plan.n
         bits = (torch.cat(tensors[:n]) if n > 1 else tensors[0]).float()
         exponent = (torch.cat(tensors[n : 2 * n]) if n > 1 else tensors[n]).float()
@@ -218,7 +219,7 @@ class _FusedQuantize(torch.autograd.Function):
         return (torch.dot(effective, plan.share), *out)  # type: ignore[arg-type]
 
     @staticmethod
-    def backward(ctx, grad_bpw: Tensor, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_bpw: Tensor, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         plan: _Plan = ctx.plan
         n = plan.n
         effective, *saved = ctx.saved_tensors

@@ -13,7 +13,7 @@ optimizer built on the float model still sees them); ``to_float`` converts back.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +53,8 @@ class QuantizedLayer:
     """Behaviour shared by every twin; mixed into the float layer class (``QuantConv2d(QuantizedLayer, nn.Conv2d)``)."""
 
     float_cls: ClassVar[type[nn.Module]]
-    weight: nn.Parameter
-    bias: nn.Parameter | None
+    weight: Tensor  # an nn.Parameter; declared as the float layers declare it
+    bias: Any  # a Parameter or None (nn.Linear and nn.Conv2d declare it differently)
     bits: nn.Parameter
     exponent: nn.Parameter
     pruned: Tensor

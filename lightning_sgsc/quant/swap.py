@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from torch import nn
 
@@ -112,7 +113,8 @@ def quantize_(
     names = select_layers(model, include, exclude, filter_fn)
     for name in names:
         module = model.get_submodule(name)
-        _set_submodule(model, name, TWIN_FOR[type(module)].from_float(module, init_bits, init_headroom))
+        twin = TWIN_FOR[type(module)].from_float(module, init_bits, init_headroom)
+        _set_submodule(model, name, cast(nn.Module, twin))  # every twin is also its float layer's class
     return names
 
 
