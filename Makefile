@@ -28,7 +28,8 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff mypy
-	$(PY) -m ruff check lightning_sgsc tests && $(PY) -m ruff format --check lightning_sgsc tests
+	$(PY) -m ruff check lightning_sgsc tests experiments && $(PY) -m ruff format --check lightning_sgsc tests experiments
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) demo.json .pytest_cache

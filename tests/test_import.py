@@ -1,5 +1,8 @@
+import configparser
 import subprocess
 import sys
+from importlib import resources
+from pathlib import Path
 
 
 def test_import_is_lean():
@@ -18,3 +21,11 @@ def test_public_api_names_resolve():
 
     assert all(hasattr(lightning_sgsc, name) for name in lightning_sgsc.__all__)
     assert {"SafetyGuidedQuantization", "SafetyGuidedMixin", "quantize_", "model_size"} <= set(lightning_sgsc.__all__)
+
+
+def test_the_package_ships_its_type_annotations():
+    # PEP 561: the py.typed marker in the package, and setup.cfg putting it into the wheel
+    assert resources.files("lightning_sgsc").joinpath("py.typed").is_file()
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    assert setup.get("options.package_data", "lightning_sgsc").split() == ["py.typed"]
