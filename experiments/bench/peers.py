@@ -397,7 +397,8 @@ def markdown(points: list[dict[str, Any]], checks: list[dict[str, Any]], header:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> None:
+def plot(points: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy against bytes, one front per method; error bars: one standard deviation over the seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -405,15 +406,15 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in SETTINGS:
-        runs = [r for r in results if r["method"] == method]
+        runs = [p for p in points if p["method"] == method]
         if not runs:
             continue
         front = pareto_front(runs)
         line = ax.plot([r["file_bytes"] for r in front], [100 * r["test_metric"] for r in front], "-", alpha=0.6)[0]
-        ax.errorbar(  # bars: one standard deviation over the seeds (none for one seed)
+        ax.errorbar(
             [r["file_bytes"] for r in runs],
             [100 * r["test_metric"] for r in runs],
-            yerr=[100 * r.get("test_metric_std", 0.0) for r in runs],
+            yerr=[100 * r["test_metric_std"] for r in runs],  # 0 for one seed
             fmt="o",
             capsize=2,
             color=line.get_color(),
