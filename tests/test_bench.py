@@ -172,10 +172,23 @@ def test_the_dominance_check_needs_a_smaller_and_at_least_as_accurate_point_of_o
     ]
     checks = {c["peer"]: c for c in peers.dominated_check(results)}
     assert set(checks) == {"brevitas-0.88", "brevitas-0.86", "diffq-0.95", "pruning-0.8"}
-    assert checks["brevitas-0.88"] == {"peer": "brevitas-0.88", "ours": "sgsc-0.9", "matched": True, "margin": 2.0}
-    assert checks["brevitas-0.86"]["matched"] is False  # ours at >= 0.86 needs 100 bytes, more than 40
-    assert checks["diffq-0.95"] == {"peer": "diffq-0.95", "ours": None, "matched": False, "margin": None}
-    assert checks["pruning-0.8"] == {"peer": "pruning-0.8", "ours": "sgsc_b2-0.81", "matched": True, "margin": 1.0}
+    unmatched = {"closest": None, "closest_margin": None, "per_seed": None}
+    assert checks["brevitas-0.88"] == {
+        "peer": "brevitas-0.88", "ours": "sgsc-0.9", "matched": True, "margin": 2.0, **unmatched
+    }  # fmt: skip
+    # ours at >= 0.86 needs 100 bytes, more than 40: not matched; the most accurate of ours within 40 bytes is 0.81
+    assert checks["brevitas-0.86"]["matched"] is False and checks["brevitas-0.86"]["ours"] == "sgsc-0.9"
+    assert checks["brevitas-0.86"]["closest"] == "sgsc_b2-0.81" and checks["brevitas-0.86"]["closest_margin"] == -5.0
+    assert checks["diffq-0.95"] == {
+        "peer": "diffq-0.95", "ours": None, "matched": False, "margin": None,
+        "closest": "sgsc-0.9", "closest_margin": -5.0, "per_seed": None,
+    }  # fmt: skip
+    assert checks["pruning-0.8"] == {
+        "peer": "pruning-0.8", "ours": "sgsc_b2-0.81", "matched": True, "margin": 1.0, **unmatched
+    }  # fmt: skip
+    # nothing of ours is as small as the peer: no closest point either
+    alone = peers.dominated_check([point("sgsc", 0.90, 100), point("brevitas", 0.95, 50)])
+    assert alone[0]["closest"] is None and alone[0]["matched"] is False
 
 
 def test_points_are_the_means_over_their_seeds_and_the_check_uses_them():
@@ -193,14 +206,96 @@ def test_points_are_the_means_over_their_seeds_and_the_check_uses_them():
     assert ours["file_bytes_max"] == 110 and ours["train_seconds"] == 10.5
     assert peer["test_metric"] == 0.87 and peer["run"] == "brevitas-4"
     # one seed of ours (0.84) is below the peer's mean, the means are equal: matched, by 0 points
+    # seed by seed: ours +2 points on seed 0, -2 on seed 1: a tie, which the per-seed margins show
+    assert ours["test_metric_seeds"] == [0.90, 0.84] and peer["test_metric_seeds"] == [0.88, 0.86]
     assert peers.dominated_check([ours, peer]) == [
-        {"peer": "brevitas-4", "ours": "sgsc-0.1", "matched": True, "margin": 0.0}
-    ]
+        {
+            "peer": "brevitas-4", "ours": "sgsc-0.1", "matched": True, "margin": 0.0,
+            "closest": None, "closest_margin": None, "per_seed": [2.0, -2.0],
+        }
+    ]  # fmt: skip
     text = peers.markdown([ours, peer], peers.dominated_check([ours, peer]), "header")
     assert "test acc (mean ± sd, 2 seeds)" in text and "| sgsc | 0.1 | 87.00 ± 4.24 % | 105 |" in text
-    assert "| brevitas-4 | sgsc-0.1 | yes | +0.00 points |" in text
+    assert "| brevitas-4 | sgsc-0.1 | yes | +0.00 points | +2.00, -2.00 |" in text
     single = peers.aggregate(runs[:1])
     assert single[0]["test_metric_std"] == 0.0 and "| 90.00 % |" in peers.markdown(single, [], "h")
+
+
+def test_an_unmatched_peer_is_compared_with_our_most_accurate_point_no_larger_seed_by_seed():
+    def run(method, setting, seed, acc, nbytes):
+        return {
+            "method": method, "setting": setting, "run": f"{method}-{setting:g}", "seed": seed,
+            "test_metric_name": "test/acc", "test_metric": acc, "file_bytes": nbytes, "train_seconds": 1.0,
+        }  # fmt: skip
+
+    runs = [run("sgsc", 0.01, s, a, 150) for s, a in [(0, 0.88), (1, 0.86), (2, 0.87)]]
+    runs += [run("sgsc", 0.1, s, a, 90) for s, a in [(0, 0.85), (1, 0.84), (2, 0.85)]]
+    runs += [run("brevitas", 8, s, a, 400) for s, a in [(0, 0.87), (1, 0.88)]]  # seed 2 missing: not compared
+    (check,) = peers.dominated_check(peers.aggregate(runs))
+    assert check["matched"] is False and check["ours"] is None  # ours' best mean, 0.87, is below 0.875
+    assert check["closest"] == "sgsc-0.01" and check["closest_margin"] == -0.5
+    assert check["per_seed"] == [1.0, -2.0]  # seeds 0 and 1 only
+    text = peers.markdown(peers.aggregate(runs), [check], "header")
+    assert "| brevitas-8 | closest: sgsc-0.01 | no | -0.50 points | +1.00, -2.00 |" in text
+
+
+def test_peers_from_a_saved_file_rechecks_its_runs_without_training(tmp_path, monkeypatch, capsys):
+    def run(method, setting, seed, acc, nbytes):
+        return {
+            "method": method, "setting": setting, "run": f"{method}-{setting:g}", "seed": seed,
+            "test_metric_name": "test/acc", "test_metric": acc, "file_bytes": nbytes, "train_seconds": 1.0,
+        }  # fmt: skip
+
+    runs = [run("sgsc", 0.1, 0, 0.90, 100), run("sgsc", 0.1, 1, 0.88, 100)]
+    runs += [run("brevitas", 4, 0, 0.87, 200), run("brevitas", 4, 1, 0.89, 200)]
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps({"setup": "the saved header", "seeds": [0, 1], "runs": runs, "results": []}))
+    monkeypatch.setattr(peers, "run_one", None)  # training would fail
+    monkeypatch.setattr(sys, "argv", ["peers.py", "--from", str(saved), "--out", str(tmp_path / "out")])
+    peers.main()
+    written = json.loads((tmp_path / "out" / "peers.json").read_text())
+    assert written["runs"] == runs and written["setup"] == "the saved header" and written["seeds"] == [0, 1]
+    assert written["results"] == peers.aggregate(runs) and written["all_matched"] is True
+    assert written["checks"][0]["per_seed"] == [3.0, -1.0]
+    assert (tmp_path / "out" / "peers.md").read_text().startswith("the saved header")
+    assert _last_json(capsys.readouterr().out) == {"all_matched": True, "points": 2, "runs": 4}
+    saved.write_text(json.dumps({"setup": "ours only", "seeds": [0, 1], "runs": runs[:2]}))
+    monkeypatch.setattr(sys, "argv", ["peers.py", "--from", str(saved), "--out", str(tmp_path / "ours")])
+    peers.main()
+    assert json.loads((tmp_path / "ours" / "peers.json").read_text())["all_matched"] is None  # nothing to match
+    for extra in (["--seeds", "1"], ["--steps", "5"]):
+        monkeypatch.setattr(sys, "argv", ["peers.py", "--from", str(saved), *extra])
+        with pytest.raises(SystemExit, match=f"cannot be combined with {extra[0]}"):
+            peers.main()
+    monkeypatch.setattr(sys, "argv", ["peers.py", "--from", str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit, match=r"--from: .*missing\.json.* is not a peers\.json"):
+        peers.main()
+
+
+@pytest.mark.parametrize(
+    ("text", "method"),
+    [("", "sgsc"), ("x", "sgsc"), ("0.1,0.1", "sgsc_h3"), ("-0.1", "diffq"), ("nan", "sgsc"), ("4.5", "brevitas"),
+     ("32", "brevitas"), ("1", "pruning")],
+)  # fmt: skip
+def test_peers_refuses_settings_a_method_cannot_take(text, method):
+    with pytest.raises(SystemExit, match=f"--settings: got {text!r} for {method}"):
+        peers.parse_settings(text, method)
+
+
+def test_peers_settings_replace_those_of_the_one_method_given(monkeypatch):
+    assert peers.parse_settings("0.002,0.001", "sgsc_h3") == [0.002, 0.001]
+    assert peers.parse_settings("8,3", "brevitas") == [8.0, 3.0] and peers.parse_settings("0.9", "pruning") == [0.9]
+    monkeypatch.setattr(sys, "argv", ["peers.py", "--methods", "sgsc,brevitas", "--settings", "0.1"])
+    with pytest.raises(SystemExit, match="--settings: needs exactly one --methods"):
+        peers.main()
+    jobs = []
+    monkeypatch.setattr(peers, "make_data", lambda kind, limit: None)
+    monkeypatch.setattr(peers, "write_outputs", lambda *args: None)
+    monkeypatch.setattr(peers, "run_one", lambda *job: jobs.append(job[:2]) or {"run": "-", "seed": 0, "test_metric": 0,
+                        "file_bytes": 0, "of_float32": 0, "train_seconds": 0})  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["peers.py", "--methods", "sgsc_h3", "--settings", "0.002,0.001", "--seeds", "0"])
+    peers.main()
+    assert jobs == [("sgsc_h3", 0.002), ("sgsc_h3", 0.001)]
 
 
 @pytest.mark.parametrize("text", ["", "a", "0,0", "-1", "1,,2"])

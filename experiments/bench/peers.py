@@ -3,13 +3,15 @@
     python experiments/bench/peers.py [--steps 1000] [--methods sgsc,paper,diffq,brevitas,pruning] [--data fashion]
                                       [--jobs 2]   # runs at a time, each in its own process with 1 thread
                                       [--seeds 0,1,2]   # every point once per seed (default); the check uses the means
+    python experiments/bench/peers.py --from experiments/results/bench/peers.json   # re-check saved runs, no training
+    python experiments/bench/peers.py --methods sgsc_h3 --settings 0.002,0.001   # other settings of one method
 
 Every method trains the same ``FashionCNN`` from the same seed on the same Fashion-MNIST subset (``--train-limit``
 training images, batch 64, AdamW 1e-3, ``--steps`` steps) and is scored on the 10,000 test images. Sizes are true
 bytes of what a user would ship:
 
 * ``sgsc`` (ours at its defaults, several ``bit_weight``, ``b`` starting at 8 with 2 bits of headroom),
-  ``sgsc_h3`` (the same with 3 bits of headroom, down to ``bit_weight`` 0.005), ``sgsc_b4`` and ``sgsc_b2``
+  ``sgsc_h3`` (the same with 3 bits of headroom, down to ``bit_weight`` 0.001), ``sgsc_b4`` and ``sgsc_b2``
   (``b`` starting at 4 and 2, headroom 2 and 0; 2 bits is the front of the hyperparameter sweep): the file
   :func:`lightning_sgsc.export_compressed` writes.
 * ``paper``: the safety-guided paper's original recipe on our quantizer: ``b`` starts at 32 and ``e`` at -8,
@@ -33,8 +35,11 @@ mean over its seeds (accuracy ± its standard deviation, mean bytes); every run 
 
 Prints one table, writes ``peers.json`` / ``peers.md`` / ``peers.png`` (test accuracy against bytes, log scale,
 one front per method) into ``--out``, and checks the target: every peer point is matched or beaten (fewer or equal
-bytes and higher or equal accuracy, means over the seeds) by one of ours, with the accuracy margin in points. The
-last line is one JSON object.
+bytes and higher or equal accuracy, means over the seeds) by one of ours, with the accuracy margin in points; a
+peer point not matched is compared with the most accurate of ours that is no larger. Each comparison also lists
+its margin seed by seed: where those change sign, the margin of the means is a tie within the seeds' noise. The
+last line is one JSON object. ``--from`` re-checks and re-tabulates the runs of a saved ``peers.json`` (after a
+change to the check or the tables) without training.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ from summarize import pareto_front
 FLOAT32_BYTES = 4 * 421_642
 SETTINGS: dict[str, list[float]] = {
     "sgsc": [0.02, 0.05, 0.1, 0.5],  # bit_weight, init_bits 8 (the default)
-    "sgsc_h3": [0.005, 0.01, 0.02, 0.05],  # bit_weight, init_bits 8, 3 bits of headroom
+    "sgsc_h3": [0.001, 0.002, 0.005, 0.01, 0.02, 0.05],  # bit_weight, init_bits 8, 3 bits of headroom
     "sgsc_b4": [0.05],  # bit_weight, init_bits 4
     "sgsc_b2": [0.1, 0.5],  # bit_weight, init_bits 2
     "paper": [0.1, 1.0],  # bit_weight (gamma): the recipe's 0.1 and a larger one
@@ -342,6 +347,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "test_metric": round(statistics.mean(accs), 4),
                 "test_metric_std": round(statistics.stdev(accs), 4) if len(accs) > 1 else 0.0,
                 "test_metric_min": min(accs),
+                "test_metric_seeds": accs,  # in the order of "seeds"
                 "file_bytes": mean_bytes,
                 "file_bytes_max": max(nbytes),
                 "of_float32": round(mean_bytes / FLOAT32_BYTES, 4),
@@ -356,17 +362,50 @@ def is_ours(method: str) -> bool:
 
 
 def dominated_check(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """For every peer point: the smallest of ours that is at least as accurate, whether it is no larger, and by
-    how many accuracy points it is ahead."""
+    """For every peer point: the smallest of ours that is at least as accurate (``ours``), whether it is no larger
+    (``matched``), and its accuracy margin in points; when none is no larger, ``closest``: the most accurate of ours
+    that is no larger than the peer, with its (negative) margin. ``per_seed``: the margins seed by seed of the point
+    compared (``ours`` when matched, else ``closest``) over the seeds both ran, when the points carry per-seed
+    accuracies: a margin of the means smaller than the seeds' spread is a tie, not a win or a loss."""
     ours = [r for r in results if is_ours(r["method"])]
     rows = []
     for peer in (r for r in results if not is_ours(r["method"])):
         match = [o for o in ours if o["test_metric"] >= peer["test_metric"]]
         best = min(match, key=lambda o: o["file_bytes"]) if match else None
         ok = best is not None and best["file_bytes"] <= peer["file_bytes"]
-        margin = round(100 * (best["test_metric"] - peer["test_metric"]), 2) if best else None
-        rows.append({"peer": peer["run"], "ours": best["run"] if best else None, "matched": ok, "margin": margin})
+        no_larger = [o for o in ours if o["file_bytes"] <= peer["file_bytes"]]
+        closest = None if ok or not no_larger else max(no_larger, key=lambda o: o["test_metric"])
+        compared = best if ok else closest
+        rows.append(
+            {
+                "peer": peer["run"],
+                "ours": best["run"] if best else None,
+                "matched": ok,
+                "margin": _margin(best, peer),
+                "closest": closest["run"] if closest else None,
+                "closest_margin": _margin(closest, peer),
+                "per_seed": _per_seed_margins(compared, peer),
+            }
+        )
     return rows
+
+
+def _margin(ours: dict[str, Any] | None, peer: dict[str, Any]) -> float | None:
+    return None if ours is None else round(100 * (ours["test_metric"] - peer["test_metric"]), 2)
+
+
+def _per_seed_margins(ours: dict[str, Any] | None, peer: dict[str, Any]) -> list[float] | None:
+    """``ours - peer`` in accuracy points for every seed both points ran, in ``ours``' seed order (``None``: no
+    point, or no per-seed accuracies)."""
+    if ours is None or "test_metric_seeds" not in ours or "test_metric_seeds" not in peer:
+        return None
+    theirs = dict(zip(peer["seeds"], peer["test_metric_seeds"], strict=True))
+    margins = [
+        round(100 * (acc - theirs[seed]), 2)
+        for seed, acc in zip(ours["seeds"], ours["test_metric_seeds"], strict=True)
+        if seed in theirs
+    ]
+    return margins or None
 
 
 def markdown(points: list[dict[str, Any]], checks: list[dict[str, Any]], header: str) -> str:
@@ -388,12 +427,20 @@ def markdown(points: list[dict[str, Any]], checks: list[dict[str, Any]], header:
         )
     lines += [
         "",
-        "| peer point | ours, smallest at least as accurate | matched or beaten | accuracy margin |",
-        "|---|---|---|---|",
+        "| peer point | ours: the smallest at least as accurate (not matched: the most accurate no larger) "
+        "| matched or beaten | accuracy margin | margin per seed |",
+        "|---|---|---|---|---|",
     ]
     for c in checks:
-        margin = "—" if c["margin"] is None else f"{c['margin']:+.2f} points"
-        lines.append(f"| {c['peer']} | {c['ours'] or '—'} | {'yes' if c['matched'] else 'no'} | {margin} |")
+        if c["matched"] or c.get("closest") is None:
+            compared, margin = c["ours"], c["margin"]
+        else:
+            compared, margin = f"closest: {c['closest']}", c["closest_margin"]
+        per_seed = ", ".join(f"{m:+.2f}" for m in c.get("per_seed") or []) or "—"
+        margin_text = "—" if margin is None else f"{margin:+.2f} points"
+        lines.append(
+            f"| {c['peer']} | {compared or '—'} | {'yes' if c['matched'] else 'no'} | {margin_text} | {per_seed} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -441,6 +488,31 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+SETTING_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "brevitas": (lambda v: v.is_integer() and 1 <= v <= 16, "whole bit widths from 1 to 16"),
+    "pruning": (lambda v: v < 1, "sparsities below 1"),
+}
+"""What ``--settings`` allows per method beyond distinct non-negative numbers (the rest: any such number)."""
+
+
+def parse_settings(text: str, method: str) -> list[float]:
+    """``--settings`` for ``method``: distinct non-negative numbers, comma-separated, within its rule."""
+    rule, allowed = SETTING_RULES.get(method, (lambda v: True, "numbers"))
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if (
+        not values
+        or len(set(values)) != len(values)
+        or not all(math.isfinite(v) and v >= 0 and rule(v) for v in values)
+    ):
+        raise SystemExit(
+            f"--settings: got {text!r} for {method}; allowed: distinct non-negative {allowed}, comma-separated"
+        )
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
@@ -450,7 +522,19 @@ def main() -> None:
     parser.add_argument("--out", default="experiments/results/bench")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in a process with 1 thread")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; every point runs once per seed")
+    parser.add_argument(
+        "--from", dest="saved", metavar="PEERS_JSON", help="train nothing: check and tabulate the runs saved there"
+    )
+    parser.add_argument(
+        "--settings", help="comma-separated settings instead of the method's own (with exactly one --methods)"
+    )
     args = parser.parse_args()
+    if args.saved is not None:
+        training = [f"--{k.replace('_', '-')}" for k in TRAINING_ARGS if getattr(args, k) != parser.get_default(k)]
+        if training:
+            raise SystemExit(f"--from trains nothing; it cannot be combined with {', '.join(training)}")
+        write_outputs(*load_runs(Path(args.saved)), Path(args.out))
+        return
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
     seeds = parse_seeds(args.seeds)
@@ -460,12 +544,17 @@ def main() -> None:
     unknown = [m for m in methods if m not in SETTINGS]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; allowed: {', '.join(SETTINGS)}")
+    settings = dict(SETTINGS)
+    if args.settings is not None:
+        if len(methods) != 1:
+            raise SystemExit(f"--settings: needs exactly one --methods, got {args.methods!r}")
+        settings[methods[0]] = parse_settings(args.settings, methods[0])
     jobs = []
     for method in methods:
         if not available(method):
             print(f"{method}: not installed (pip install {method}), skipped", flush=True)
             continue
-        for setting in SETTINGS[method]:
+        for setting in settings[method]:
             jobs += [(method, setting, args.data, args.train_limit, args.steps, seed) for seed in seeds]
     if args.jobs == 1:
         data = make_data(args.data, args.train_limit)
@@ -483,17 +572,34 @@ def main() -> None:
             f"({100 * r['of_float32']:.2f} % of float32), {r['train_seconds']:.0f} s",
             flush=True,
         )
-    points = aggregate(results)
-    checks = dominated_check(points)
     hardware = f"{platform.machine()} CPU, {threads}, torch {torch.__version__}"
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))} (means)"
     header = (
         f"FashionCNN, {args.data} data ({args.train_limit:,} training images), {args.steps} steps of batch 64, "
         f"AdamW 1e-3, {seed_text}; {hardware}"
     )
+    write_outputs(results, header, seeds, Path(args.out))
+
+
+TRAINING_ARGS = ("steps", "train_limit", "methods", "data", "jobs", "seeds", "settings")
+"""The options that choose what is trained (refused with ``--from``, which trains nothing)."""
+
+
+def load_runs(path: Path) -> tuple[list[dict[str, Any]], str, list[int]]:
+    """``(runs, header, seeds)`` of a ``peers.json`` this script wrote (``--from``)."""
+    try:
+        saved = json.loads(path.read_text())
+        return saved["runs"], saved["setup"], saved["seeds"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"--from: {str(path)!r} is not a peers.json with runs, setup and seeds ({err!r})") from None
+
+
+def write_outputs(results: list[dict[str, Any]], header: str, seeds: list[int], out: Path) -> None:
+    """Aggregates the runs, checks the target, prints the tables and writes peers.json / .md / .png into ``out``."""
+    points = aggregate(results)
+    checks = dominated_check(points)
     text = markdown(points, checks, header)
     print(text)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {
         "setup": header,
@@ -501,7 +607,7 @@ def main() -> None:
         "results": points,
         "runs": results,
         "checks": checks,
-        "all_matched": all(c["matched"] for c in checks),
+        "all_matched": all(c["matched"] for c in checks) if checks else None,  # None: no peer point to check
     }
     (out / "peers.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "peers.md").write_text(text)
