@@ -18,9 +18,10 @@ mean, not a median: the preservation loss runs on one step in eight, and its cos
 ``sgsc / float`` (the fits of a round run back to back): on a shared virtual machine the speed can change by a
 quarter from one fit to the next (seen here: the same configuration at 42 and at 54 ms per step in consecutive
 fits), and the median keeps one such fit from moving the figure; ``ratio_rounds`` lists every round's and
-``ratio_of_means`` is the ratio of the overall means. ``--scaling`` adds the peak memory of one fit of each side,
-measured in a fresh child process after a 3-step warm-up fit (which scores the preservation set once): the growth
-of the peak resident set over the measured fit on CPU, of torch's peak allocation on GPU.
+``ratio_of_means`` is the ratio of the overall means; ``ratio_ci95`` is a 95 % bootstrap interval of the
+median over the rounds (a target inside it is within the machine's noise). ``--scaling`` adds the peak memory of
+one fit of each side, measured in a fresh child process after a 3-step warm-up fit (which scores the preservation
+set once): the growth of the peak resident set over the measured fit on CPU, of torch's peak allocation on GPU.
 The last line is one JSON object with a ``ratio`` per model.
 """
 
@@ -32,6 +33,7 @@ import gc
 import json
 import logging
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -154,8 +156,19 @@ def ratios(per_round: dict[str, list[float]]) -> dict[str, Any]:
     return {
         "quantizer_ratio": round(statistics.median(of("quantizer")), 3),
         "ratio": round(statistics.median(of("sgsc")), 3),
+        "ratio_ci95": [round(v, 3) for v in median_ci(of("sgsc"))],
         "ratio_rounds": [round(r, 3) for r in of("sgsc")],
     }
+
+
+def median_ci(values: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95 % bootstrap interval of the median of ``values`` (resampled with replacement, percentiles 2.5 and 97.5;
+    seeded, so a run's figures reproduce from its rounds). With a handful of rounds it is rough, but it says
+    whether a target near the median is within the machine's noise."""
+    rng = random.Random(seed)
+    n = len(values)
+    medians = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def _peak_memory_child(name: str, side: str, steps: int, accelerator: str) -> None:
@@ -228,7 +241,8 @@ def main() -> None:
         )
         line += f"; ratio {r['ratio']:.2f}x"
         line += f" (quantizer alone {r['quantizer_ratio']:.2f}x; rounds {min(r['ratio_rounds']):.2f}-"
-        line += f"{max(r['ratio_rounds']):.2f}x, ratio of the means {r['ratio_of_means']:.2f}x)"
+        line += f"{max(r['ratio_rounds']):.2f}x, 95 % interval of the median {r['ratio_ci95'][0]:.2f}-"
+        line += f"{r['ratio_ci95'][1]:.2f}x, ratio of the means {r['ratio_of_means']:.2f}x)"
         if args.scaling:
             line += f"; peak memory float {r['float_peak_mib']} MiB, sgsc {r['sgsc_peak_mib']} MiB"
         print(line, flush=True)
