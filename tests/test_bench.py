@@ -47,6 +47,17 @@ def test_overhead_ratio_is_the_median_of_the_rounds_so_one_shifted_fit_does_not_
     assert got["ratio_rounds"] == [1.2, 1.2, 0.923]
 
 
+def test_the_overhead_ratio_comes_with_a_bootstrap_interval_of_its_median():
+    # identical rounds: no spread, the interval is the point
+    assert overhead.median_ci([1.3] * 5) == (1.3, 1.3)
+    rounds = [1.1, 1.2, 1.25, 1.3, 1.35, 1.4, 1.6]
+    low, high = overhead.median_ci(rounds)
+    assert min(rounds) <= low < statistics.median(rounds) < high <= max(rounds)
+    assert overhead.median_ci(rounds) == (low, high)  # seeded: the same rounds give the same interval
+    got = overhead.ratios({"float": [10.0] * 3, "quantizer": [11.0] * 3, "sgsc": [12.0, 13.0, 14.0]})
+    assert got["ratio"] == 1.3 and got["ratio_ci95"][0] >= 1.2 and got["ratio_ci95"][1] <= 1.4
+
+
 def test_rounds_alternate_the_order_of_the_sides():
     assert overhead.order(0) == ("float", "quantizer", "sgsc") == overhead.order(2)
     assert overhead.order(1) == ("sgsc", "quantizer", "float")
@@ -191,15 +202,21 @@ def test_the_dominance_check_needs_a_smaller_and_at_least_as_accurate_point_of_o
     assert alone[0]["closest"] is None and alone[0]["matched"] is False
 
 
-def test_points_are_the_means_over_their_seeds_and_the_check_uses_them():
-    def run(method, setting, seed, acc, nbytes):
-        return {
-            "method": method, "setting": setting, "run": f"{method}-{setting:g}", "seed": seed,
-            "test_metric_name": "test/acc", "test_metric": acc, "file_bytes": nbytes, "train_seconds": 10.0 + seed,
-        }  # fmt: skip
+def _peer_run(method, setting, seed, acc, nbytes):
+    """One saved run of peers.py, as ``run_one`` returns it (train seconds 10 + seed)."""
+    return {
+        "method": method, "setting": setting, "run": f"{method}-{setting:g}", "seed": seed,
+        "test_metric_name": "test/acc", "test_metric": acc, "file_bytes": nbytes, "train_seconds": 10.0 + seed,
+    }  # fmt: skip
 
-    runs = [run("sgsc", 0.1, 0, 0.90, 100), run("sgsc", 0.1, 1, 0.84, 110), run("brevitas", 4, 0, 0.88, 200)]
-    runs.append(run("brevitas", 4, 1, 0.86, 200))
+
+def test_points_are_the_means_over_their_seeds_and_the_check_uses_them():
+    runs = [
+        _peer_run("sgsc", 0.1, 0, 0.90, 100),
+        _peer_run("sgsc", 0.1, 1, 0.84, 110),
+        _peer_run("brevitas", 4, 0, 0.88, 200),
+    ]
+    runs.append(_peer_run("brevitas", 4, 1, 0.86, 200))
     ours, peer = peers.aggregate(runs)
     assert ours["seeds"] == [0, 1] and ours["test_metric"] == 0.87 and ours["test_metric_min"] == 0.84
     assert ours["test_metric_std"] == round(statistics.stdev([0.90, 0.84]), 4) and ours["file_bytes"] == 105
@@ -222,15 +239,9 @@ def test_points_are_the_means_over_their_seeds_and_the_check_uses_them():
 
 
 def test_an_unmatched_peer_is_compared_with_our_most_accurate_point_no_larger_seed_by_seed():
-    def run(method, setting, seed, acc, nbytes):
-        return {
-            "method": method, "setting": setting, "run": f"{method}-{setting:g}", "seed": seed,
-            "test_metric_name": "test/acc", "test_metric": acc, "file_bytes": nbytes, "train_seconds": 1.0,
-        }  # fmt: skip
-
-    runs = [run("sgsc", 0.01, s, a, 150) for s, a in [(0, 0.88), (1, 0.86), (2, 0.87)]]
-    runs += [run("sgsc", 0.1, s, a, 90) for s, a in [(0, 0.85), (1, 0.84), (2, 0.85)]]
-    runs += [run("brevitas", 8, s, a, 400) for s, a in [(0, 0.87), (1, 0.88)]]  # seed 2 missing: not compared
+    runs = [_peer_run("sgsc", 0.01, s, a, 150) for s, a in [(0, 0.88), (1, 0.86), (2, 0.87)]]
+    runs += [_peer_run("sgsc", 0.1, s, a, 90) for s, a in [(0, 0.85), (1, 0.84), (2, 0.85)]]
+    runs += [_peer_run("brevitas", 8, s, a, 400) for s, a in [(0, 0.87), (1, 0.88)]]  # seed 2 missing: not compared
     (check,) = peers.dominated_check(peers.aggregate(runs))
     assert check["matched"] is False and check["ours"] is None  # ours' best mean, 0.87, is below 0.875
     assert check["closest"] == "sgsc-0.01" and check["closest_margin"] == -0.5
@@ -240,14 +251,8 @@ def test_an_unmatched_peer_is_compared_with_our_most_accurate_point_no_larger_se
 
 
 def test_peers_from_a_saved_file_rechecks_its_runs_without_training(tmp_path, monkeypatch, capsys):
-    def run(method, setting, seed, acc, nbytes):
-        return {
-            "method": method, "setting": setting, "run": f"{method}-{setting:g}", "seed": seed,
-            "test_metric_name": "test/acc", "test_metric": acc, "file_bytes": nbytes, "train_seconds": 1.0,
-        }  # fmt: skip
-
-    runs = [run("sgsc", 0.1, 0, 0.90, 100), run("sgsc", 0.1, 1, 0.88, 100)]
-    runs += [run("brevitas", 4, 0, 0.87, 200), run("brevitas", 4, 1, 0.89, 200)]
+    runs = [_peer_run("sgsc", 0.1, 0, 0.90, 100), _peer_run("sgsc", 0.1, 1, 0.88, 100)]
+    runs += [_peer_run("brevitas", 4, 0, 0.87, 200), _peer_run("brevitas", 4, 1, 0.89, 200)]
     saved = tmp_path / "saved.json"
     saved.write_text(json.dumps({"setup": "the saved header", "seeds": [0, 1], "runs": runs, "results": []}))
     monkeypatch.setattr(peers, "run_one", None)  # training would fail
