@@ -363,8 +363,8 @@ def is_ours(method: str) -> bool:
 
 def dominated_check(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For every peer point: the smallest of ours that is at least as accurate (``ours``), whether it is no larger
-    (``matched``), and its accuracy margin in points; when none is no larger, ``closest``: the most accurate of ours
-    that is no larger than the peer, with its (negative) margin. ``per_seed``: the margins seed by seed of the point
+    (``matched``), and its accuracy margin in points; when not matched, ``closest``: the most accurate of ours that
+    is no larger than the peer (if any), with its (negative) margin. ``per_seed``: the margins seed by seed of the point
     compared (``ours`` when matched, else ``closest``) over the seeds both ran, when the points carry per-seed
     accuracies: a margin of the means smaller than the seeds' spread is a tie, not a win or a loss."""
     ours = [r for r in results if is_ours(r["method"])]
@@ -513,6 +513,10 @@ def parse_settings(text: str, method: str) -> list[float]:
     return values
 
 
+TRAINING_ARGS = ("steps", "train_limit", "methods", "data", "jobs", "seeds", "settings")
+"""The options that choose what is trained (refused with ``--from``, which trains nothing)."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
@@ -579,10 +583,6 @@ def main() -> None:
         f"AdamW 1e-3, {seed_text}; {hardware}"
     )
     write_outputs(results, header, seeds, Path(args.out))
-
-
-TRAINING_ARGS = ("steps", "train_limit", "methods", "data", "jobs", "seeds", "settings")
-"""The options that choose what is trained (refused with ``--from``, which trains nothing)."""
 
 
 def load_runs(path: Path) -> tuple[list[dict[str, Any]], str, list[int]]:
