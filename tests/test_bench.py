@@ -102,6 +102,17 @@ def test_flat_be_times_both_layouts_and_routes_every_gradient():
     assert all(p.grad is not None and p.grad.shape == p.shape for p in leaves)
 
 
+@pytest.mark.parametrize(("model", "layers"), [("digits_cnn", 3), ("char_transformer", 17)])
+def test_flat_be_takes_the_layer_sizes_of_the_model_given(monkeypatch, capsys, model, layers):
+    seen = []
+    monkeypatch.setattr(overhead_parts, "flat_be", lambda sizes: seen.append(sizes) or {"adam_flat_us": 1.0})
+    monkeypatch.setattr(sys, "argv", ["overhead_parts.py", "--flat-be", "--model", model])
+    overhead_parts.main()
+    assert len(seen[0]) == layers and _last_json(capsys.readouterr().out)["sizes"] == seen[0]
+    if model == "digits_cnn":
+        assert seen[0] == [16, 32, 10]
+
+
 @pytest.mark.slow
 def test_overhead_parts_prints_every_variant():
     out = subprocess.run(
