@@ -432,11 +432,11 @@ def markdown(points: list[dict[str, Any]], checks: list[dict[str, Any]], header:
         "|---|---|---|---|---|",
     ]
     for c in checks:
-        if c["matched"] or c.get("closest") is None:
+        if c["matched"] or c["closest"] is None:
             compared, margin = c["ours"], c["margin"]
         else:
             compared, margin = f"closest: {c['closest']}", c["closest_margin"]
-        per_seed = ", ".join(f"{m:+.2f}" for m in c.get("per_seed") or []) or "—"
+        per_seed = ", ".join(f"{m:+.2f}" for m in c["per_seed"] or []) or "—"
         margin_text = "—" if margin is None else f"{margin:+.2f} points"
         lines.append(
             f"| {c['peer']} | {compared or '—'} | {'yes' if c['matched'] else 'no'} | {margin_text} | {per_seed} |"
