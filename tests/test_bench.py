@@ -102,15 +102,37 @@ def test_flat_be_times_both_layouts_and_routes_every_gradient():
     assert all(p.grad is not None and p.grad.shape == p.shape for p in leaves)
 
 
+def test_flat_be_times_the_b_e_group_inside_the_weights_optimizer():
+    times = overhead_parts.flat_be([3, 2], [(5, 4), (5,)], n=10, repeats=2)
+    assert {"step_weights_only_us", "step_per_layer_us", "step_flat_us"} <= set(times)
+    assert all(v > 0 for v in times.values())
+
+
 @pytest.mark.parametrize(("model", "layers"), [("digits_cnn", 3), ("char_transformer", 17)])
 def test_flat_be_takes_the_layer_sizes_of_the_model_given(monkeypatch, capsys, model, layers):
     seen = []
-    monkeypatch.setattr(overhead_parts, "flat_be", lambda sizes: seen.append(sizes) or {"adam_flat_us": 1.0})
-    monkeypatch.setattr(sys, "argv", ["overhead_parts.py", "--flat-be", "--model", model])
+
+    def fake(sizes, shapes, n, repeats):
+        seen.append((sizes, shapes, n, repeats))
+        return {"adam_flat_us": 1.0}
+
+    monkeypatch.setattr(overhead_parts, "flat_be", fake)
+    monkeypatch.setattr(sys, "argv", ["overhead_parts.py", "--flat-be", "--model", model, "--rounds", "3"])
     overhead_parts.main()
-    assert len(seen[0]) == layers and _last_json(capsys.readouterr().out)["sizes"] == seen[0]
+    sizes, shapes, n, repeats = seen[0]
+    assert len(sizes) == layers and _last_json(capsys.readouterr().out)["sizes"] == sizes
+    assert (n, repeats) == (2000, 3)  # --steps left at its default, --rounds taken
+    # the weights and biases, not bits/exponents: one weight per quantized layer of the sizes given
+    assert sum(1 for s in shapes if len(s) >= 2) >= layers and all(s[0] > 0 for s in shapes)
     if model == "digits_cnn":
-        assert seen[0] == [16, 32, 10]
+        assert sizes == [16, 32, 10]
+        assert sorted(shapes) == sorted([(16, 1, 3, 3), (16,), (32, 16, 3, 3), (32,), (10, 128), (10,)])
+
+
+def test_overhead_parts_refuses_a_count_below_one(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["overhead_parts.py", "--flat-be", "--steps", "0"])
+    with pytest.raises(SystemExit, match="--steps must be >= 1, got 0"):
+        overhead_parts.main()
 
 
 @pytest.mark.slow
@@ -139,6 +161,28 @@ def test_overhead_sides_use_the_callback_defaults_unless_a_preservation_batch_is
     default = SafetyGuidedQuantization().preservation_batch_size
     assert overhead._callback("sgsc")[0].preservation_batch_size == default
     assert overhead._callback("sgsc", 16)[0].preservation_batch_size == 16
+    default_every = SafetyGuidedQuantization().preservation_every_n_steps
+    assert overhead._callback("sgsc")[0].preservation_every_n_steps == default_every
+    extra = overhead._callback("sgsc_every_16", 16)[0]
+    assert extra.preservation_every_n_steps == 16 and extra.preservation_batch_size == 16
+
+
+def test_also_every_n_adds_a_side_timed_in_the_same_rounds_with_its_own_ratio():
+    assert overhead.sides_for(None) == overhead.SIDES
+    sides = overhead.sides_for(16)
+    assert sides == ("float", "quantizer", "sgsc", "sgsc_every_16")
+    assert overhead.order(1, sides) == sides[::-1]
+    got = overhead.ratios(
+        {"float": [10.0] * 3, "quantizer": [11.0] * 3, "sgsc": [13.0] * 3, "sgsc_every_16": [12.0, 12.0, 12.5]}
+    )
+    assert got["ratio"] == 1.3 and got["ratio_every_16"] == 1.2 and got["ratio_every_16_rounds"] == [1.2, 1.2, 1.25]
+    assert got["ratio_every_16_ci95"][0] >= 1.2
+
+
+def test_overhead_refuses_counts_below_one(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["overhead.py", "--also-every-n", "0"])
+    with pytest.raises(SystemExit, match="--also-every-n must be >= 1, got 0"):
+        overhead.main()
 
 
 @pytest.mark.slow
@@ -345,3 +389,15 @@ def test_each_variant_of_ours_starts_at_its_bit_depth_and_counts_as_ours(method,
     assert callback.quant_config.init_bits == bits and callback.loss_weights.at(0)["bits"] == 0.1
     assert callback.quant_config.init_headroom == headroom
     assert peers.is_ours(method) and not peers.is_ours("paper")
+
+
+@pytest.mark.slow
+def test_overhead_also_every_n_times_the_extra_side_end_to_end(monkeypatch, capsys):
+    argv = ["overhead.py", "--models", "digits_cnn", "--steps", "5", "--rounds", "1", "--also-every-n", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    overhead.main()
+    out = capsys.readouterr().out
+    summary = _last_json(out)
+    (result,) = summary["results"]
+    assert summary["also_every_n"] == 2 and result["sgsc_every_2_ms"] > 0 and result["ratio_every_2"] > 0
+    assert "every 2 steps" in out

@@ -2,6 +2,7 @@
 
     python experiments/bench/overhead.py [--steps 60] [--rounds 9] [--models digits_cnn,fashion_cnn,char_transformer]
     python experiments/bench/overhead.py --scaling          # FashionCNN width x1/x2/x4, CharTransformer 4/8 layers
+    python experiments/bench/overhead.py --also-every-n 16 --steps 67   # and the preservation loss every 16th step
 
 For each model three fits alternate in one process, ``--rounds`` times (in reverse order every other round, so a
 machine that speeds up or slows down favours no side), ``--steps`` optimizer steps each:
@@ -9,7 +10,10 @@ machine that speeds up or slows down favours no side), ``--steps`` optimizer ste
 * ``float``: the plain model (the mixin does nothing without the callback);
 * ``quantizer``: the callback without a preservation set (quantized twins, bit-depth term, fused quantizer);
 * ``sgsc``: the callback at its defaults (plus the preservation loss on every 8th step, its batch the training
-  batch up to 32: 32 for the CNNs, 16 for the transformer; ``--preservation-batch-size`` sets it).
+  batch up to 32: 32 for the CNNs, 16 for the transformer; ``--preservation-batch-size`` sets it);
+* ``sgsc_every_N`` with ``--also-every-n N``: ``sgsc`` with the preservation loss on every N-th step instead
+  (``--steps 67`` times 64 steps, a whole number of 8- and of 16-step periods: the 57 of the default 60 hold 7
+  preservation steps of 8 but 3 of 16, which would favour 16).
 
 A timing callback measures every step from batch start to batch end (forward, backward, optimizer step and the
 compression terms); the first 3 steps of every fit are dropped and the *mean* of the rest is the per-step cost (a
@@ -92,15 +96,28 @@ def _setup(name: str, n: int) -> tuple[pl.LightningModule, DataLoader]:
     return module, DataLoader(data, batch_size=batch, shuffle=False)
 
 
+EVERY_SIDE = "sgsc_every_"
+"""Prefix of the extra side ``--also-every-n N`` adds: ``sgsc`` with ``preservation_every_n_steps=N``."""
+
+
 def _callback(side: str, preservation_batch_size: int | None = None) -> list[pl.Callback]:
     if side == "float":
         return []
     if side == "quantizer":
         return [SafetyGuidedQuantization(preservation_size=0)]
-    batch = {} if preservation_batch_size is None else {"preservation_batch_size": preservation_batch_size}
+    kwargs: dict[str, Any] = (
+        {} if preservation_batch_size is None else {"preservation_batch_size": preservation_batch_size}
+    )
+    if side.startswith(EVERY_SIDE):
+        kwargs["preservation_every_n_steps"] = int(side[len(EVERY_SIDE) :])
     return [
-        SafetyGuidedQuantization(preservation_warmup_epochs=0, preservation_size=256, preservation_pool=1024, **batch)
+        SafetyGuidedQuantization(preservation_warmup_epochs=0, preservation_size=256, preservation_pool=1024, **kwargs)
     ]
+
+
+def sides_for(also_every: int | None) -> tuple[str, ...]:
+    """:data:`SIDES`, plus ``sgsc_every_N`` for ``--also-every-n N``."""
+    return SIDES if also_every is None else (*SIDES, f"{EVERY_SIDE}{also_every}")
 
 
 WARMUP_STEPS = 3
@@ -114,17 +131,23 @@ def order(round_: int, sides: tuple[str, ...] = SIDES) -> tuple[str, ...]:
 
 
 def measure(
-    name: str, steps: int, rounds: int, accelerator: str, preservation_batch_size: int | None = None
+    name: str,
+    steps: int,
+    rounds: int,
+    accelerator: str,
+    preservation_batch_size: int | None = None,
+    also_every: int | None = None,
 ) -> dict[str, Any]:
+    sides = sides_for(also_every)
     modules = {}
-    for side in SIDES:
+    for side in sides:
         torch.manual_seed(0)
         modules[side] = _setup(name, 4096)
-    per_round: dict[str, list[float]] = {side: [] for side in SIDES}  # mean step time of each fit
-    steps_all: dict[str, list[float]] = {side: [] for side in SIDES}
+    per_round: dict[str, list[float]] = {side: [] for side in sides}  # mean step time of each fit
+    steps_all: dict[str, list[float]] = {side: [] for side in sides}
     batch = None
     for r in range(rounds):
-        for side in order(r):
+        for side in order(r, sides):
             module, loader = modules[side]
             timer = StepTimer()
             callbacks = [*_callback(side, preservation_batch_size), timer]
@@ -135,12 +158,12 @@ def measure(
             steps_all[side] += times
             if side == "sgsc":
                 batch = callbacks[0].effective_preservation_batch_size
-    ms = {side: 1e3 * statistics.mean(steps_all[side]) for side in SIDES}
+    ms = {side: 1e3 * statistics.mean(steps_all[side]) for side in sides}
     return {
         "model": name,
         "params": sum(p.numel() for p in modules["float"][0].parameters()),
         "preservation_batch_size": batch,
-        **{f"{side}_ms": round(ms[side], 3) for side in SIDES},
+        **{f"{side}_ms": round(ms[side], 3) for side in sides},
         **ratios(per_round),
         "ratio_of_means": round(ms["sgsc"] / ms["float"], 3),
     }
@@ -148,17 +171,20 @@ def measure(
 
 def ratios(per_round: dict[str, list[float]]) -> dict[str, Any]:
     """``ratio`` / ``quantizer_ratio``: the median over rounds of each round's time against the float fit of the
-    same round; ``ratio_rounds``: each round's ``sgsc / float``."""
+    same round; ``ratio_rounds``: each round's ``sgsc / float``; for an extra side ``sgsc_every_N`` the same three
+    as ``ratio_every_N``, ``ratio_every_N_ci95``, ``ratio_every_N_rounds``."""
 
     def of(side: str) -> list[float]:
         return [a / b for a, b in zip(per_round[side], per_round["float"], strict=True)]
 
-    return {
-        "quantizer_ratio": round(statistics.median(of("quantizer")), 3),
-        "ratio": round(statistics.median(of("sgsc")), 3),
-        "ratio_ci95": [round(v, 3) for v in median_ci(of("sgsc"))],
-        "ratio_rounds": [round(r, 3) for r in of("sgsc")],
-    }
+    out: dict[str, Any] = {"quantizer_ratio": round(statistics.median(of("quantizer")), 3)}
+    for side in per_round:
+        if side == "sgsc" or side.startswith(EVERY_SIDE):
+            key = "ratio" if side == "sgsc" else f"ratio_every_{side[len(EVERY_SIDE) :]}"
+            out[key] = round(statistics.median(of(side)), 3)
+            out[f"{key}_ci95"] = [round(v, 3) for v in median_ci(of(side))]
+            out[f"{key}_rounds"] = [round(r, 3) for r in of(side)]
+    return out
 
 
 def median_ci(values: list[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
@@ -224,18 +250,29 @@ def main() -> None:
         default=None,
         help="default: the callback's (the training batch, at most 32)",
     )
+    parser.add_argument(
+        "--also-every-n",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also time the callback with preservation_every_n_steps=N, alternating with the others",
+    )
     args = parser.parse_args()
+    for flag in ("steps", "rounds", "also_every_n"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     models = args.models or (SCALING if args.scaling else "digits_cnn,fashion_cnn,char_transformer")
     results = []
     for name in models.split(","):
-        r = measure(name, args.steps, args.rounds, args.accelerator, args.preservation_batch_size)
+        r = measure(name, args.steps, args.rounds, args.accelerator, args.preservation_batch_size, args.also_every_n)
         if args.scaling:
             r["float_peak_mib"] = peak_memory(name, "float", args.steps, args.accelerator)
             r["sgsc_peak_mib"] = peak_memory(name, "sgsc", args.steps, args.accelerator)
         results.append(r)
-        times = ", ".join(f"{side} {r[f'{side}_ms']:.2f}" for side in SIDES)
+        times = ", ".join(f"{side} {r[f'{side}_ms']:.2f}" for side in sides_for(args.also_every_n))
         line = (
             f"{name:>20} ({r['params']:,} params, preservation batch {r['preservation_batch_size']}): ms/step {times}"
         )
@@ -243,12 +280,17 @@ def main() -> None:
         line += f" (quantizer alone {r['quantizer_ratio']:.2f}x; rounds {min(r['ratio_rounds']):.2f}-"
         line += f"{max(r['ratio_rounds']):.2f}x, 95 % interval of the median {r['ratio_ci95'][0]:.2f}-"
         line += f"{r['ratio_ci95'][1]:.2f}x, ratio of the means {r['ratio_of_means']:.2f}x)"
+        if args.also_every_n is not None:
+            key = f"ratio_every_{args.also_every_n}"
+            low, high = r[f"{key}_ci95"]
+            line += f"; every {args.also_every_n} steps {r[key]:.2f}x ({low:.2f}-{high:.2f}x)"
         if args.scaling:
             line += f"; peak memory float {r['float_peak_mib']} MiB, sgsc {r['sgsc_peak_mib']} MiB"
         print(line, flush=True)
     device = torch.cuda.get_device_name(0) if args.accelerator == "gpu" else f"{platform.machine()} CPU"
     summary = {"device": device, "threads": torch.get_num_threads(), "steps": args.steps, "rounds": args.rounds}
     summary["preservation_batch_size"] = args.preservation_batch_size  # None: the callback's default, per model
+    summary["also_every_n"] = args.also_every_n
     print(json.dumps({**summary, "ratio": {r["model"]: r["ratio"] for r in results}, "results": results}))
 
 

@@ -1,7 +1,7 @@
 """Where the quantizer-only overhead goes: the fused quantizer's arithmetic against its machinery.
 
     python experiments/bench/overhead_parts.py [--model digits_cnn] [--steps 150] [--rounds 10]
-    python experiments/bench/overhead_parts.py --flat-be [--model char_transformer]  # what a flat b/e pair would save
+    python experiments/bench/overhead_parts.py --flat-be [--model char_transformer] [--steps 2000] [--rounds 7]
 
 Five fits alternate in one process (reversed every other round), timed as in ``overhead.py``:
 
@@ -23,7 +23,9 @@ one JSON object with each variant's median ms per step and median ratio to ``flo
 ``--flat-be`` instead times, in a tight loop, the two costs that one flat ``bits`` and one flat ``exponent`` tensor
 for all layers (instead of a pair per layer) would change: the fused Adam step of the b/e group, and an autograd
 Function handing its b/e gradients to two leaves per quantized layer of ``--model`` (6 for the DigitsCNN's three
-layers, 34 for the CharTransformer's 17) against 2.
+layers, 34 for the CharTransformer's 17) against 2; and the optimizer step as it runs in training, AdamW over the
+model's weights plus the b/e group per layer pairs or flat, against AdamW over the weights alone. ``--steps`` is then
+the calls per repeat and ``--rounds`` the repeats.
 """
 
 from __future__ import annotations
@@ -142,24 +144,33 @@ class _ToLeaves(torch.autograd.Function):
         return None, *b.split_with_sizes(ctx.sizes), *e.split_with_sizes(ctx.sizes)
 
 
-def flat_be(sizes: list[int], n: int = 2000, repeats: int = 7) -> dict[str, float]:
-    """Median microseconds per call of the b/e optimizer step and gradient routing, per layer pairs vs flat."""
+def flat_be(
+    sizes: list[int], weight_shapes: list[tuple[int, ...]] | None = None, n: int = 2000, repeats: int = 7
+) -> dict[str, float]:
+    """Median microseconds per call of the b/e optimizer step and gradient routing, per layer pairs vs flat.
 
-    def timed(fn: Any) -> float:
-        for _ in range(n // 10):
-            fn()
-        runs = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(n):
+    ``adam_*``: an optimizer over the b/e tensors alone. With ``weight_shapes`` (the model's other parameters) also
+    ``step_*``: the optimizer a user's ``configure_optimizers`` gives (AdamW over the weights) with the b/e group
+    the callback adds (fused, its own learning rate, no weight decay), per layer pairs or flat, against the same
+    optimizer without that group (``step_weights_only_us``): the b/e group's cost where it really runs, next to
+    the per-step costs it shares. The variants of each measure alternate within every repeat (in reverse order
+    every other repeat), so a change of machine speed falls on all of them."""
+
+    def timed(fns: dict[str, Any]) -> dict[str, float]:
+        for fn in fns.values():
+            for _ in range(max(n // 10, 1)):
                 fn()
-            runs.append((time.perf_counter() - start) / n * 1e6)
-        return round(statistics.median(runs), 1)
+        runs: dict[str, list[float]] = {k: [] for k in fns}
+        for r in range(repeats):
+            for key in order(r, tuple(fns)):
+                start = time.perf_counter()
+                for _ in range(n):
+                    fns[key]()
+                runs[key].append((time.perf_counter() - start) / n * 1e6)
+        return {k: round(statistics.median(v), 1) for k, v in runs.items()}
 
     per_layer = [torch.nn.Parameter(torch.rand(c)) for c in sizes for _ in range(2)]  # b, e of each layer
     flat = [torch.nn.Parameter(torch.rand(sum(sizes))) for _ in range(2)]
-    adam_per_layer = torch.optim.Adam(per_layer, lr=0.01, fused=True)
-    adam_flat = torch.optim.Adam(flat, lr=0.01, fused=True)
     for p in per_layer + flat:
         p.grad = torch.rand_like(p)
     bits, exponents = per_layer[0::2], per_layer[1::2]
@@ -169,31 +180,64 @@ def flat_be(sizes: list[int], n: int = 2000, repeats: int = 7) -> dict[str, floa
             p.grad = None
         _ToLeaves.apply(sizes, *inputs).backward()
 
-    return {
-        "adam_per_layer_us": timed(adam_per_layer.step),
-        "adam_flat_us": timed(adam_flat.step),
-        "grads_per_layer_us": timed(lambda: route(per_layer, [*bits, *exponents])),
-        "grads_flat_us": timed(lambda: route(flat, flat)),
-    }
+    out = timed(
+        {
+            "adam_per_layer_us": torch.optim.Adam(per_layer, lr=0.01, fused=True).step,
+            "adam_flat_us": torch.optim.Adam(flat, lr=0.01, fused=True).step,
+        }
+    )
+    out |= timed(
+        {
+            "grads_per_layer_us": lambda: route(per_layer, [*bits, *exponents]),
+            "grads_flat_us": lambda: route(flat, flat),
+        }
+    )
+    if weight_shapes is not None:
+        weights = [torch.nn.Parameter(torch.rand(s)) for s in weight_shapes]
+        for p in weights:
+            p.grad = torch.rand_like(p) * 1e-3
+        be = {"lr": 0.01, "weight_decay": 0.0, "fused": True}
+
+        def optimizer(group: list[torch.nn.Parameter] | None) -> torch.optim.Optimizer:
+            extra = [{"params": group, **be}] if group else []
+            return torch.optim.AdamW([{"params": weights}, *extra], lr=1e-3)
+
+        out |= timed(
+            {
+                "step_weights_only_us": optimizer(None).step,
+                "step_per_layer_us": optimizer(per_layer).step,
+                "step_flat_us": optimizer(flat).step,
+            }
+        )
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="digits_cnn")
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--steps", type=int, default=None, help="steps per fit (150); with --flat-be calls per repeat (2000)"
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (10); with --flat-be repeats (7)")
     parser.add_argument("--flat-be", action="store_true", help="time what one flat b/e pair would change")
     args = parser.parse_args()
+    for flag in ("steps", "rounds"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{flag} must be >= 1, got {value}")
     if args.flat_be:
         from lightning_sgsc.quant import quantize_, quantized_layers
 
         net, _ = _setup(args.model, 8)
         quantize_(net)
         sizes = [m.out_channels_ for _, m in quantized_layers(net)]
-        times = flat_be(sizes)
+        qids = {id(p) for p in quantizer_parameters(net)}
+        shapes = [tuple(p.shape) for p in net.parameters() if id(p) not in qids]
+        times = flat_be(sizes, shapes, n=args.steps or 2000, repeats=args.rounds or 7)
         print(f"b/e of {sizes} channels: " + ", ".join(f"{k} {v}" for k, v in times.items()), flush=True)
         print(json.dumps({"sizes": sizes, **times}))
         return
+    args.steps, args.rounds = args.steps or 150, args.rounds or 10
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     result = measure(args.model, args.steps, args.rounds)
