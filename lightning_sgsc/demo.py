@@ -27,7 +27,8 @@ from typing import Any
 DEMO_SETTINGS: dict[str, Any] = dict(init_bits=8, init_headroom=0, bit_weight=0.5, quantizer_lr=0.01, threshold=0.005)
 
 
-def _train(compress: bool, epochs: int, seed: int, lr: float) -> dict[str, Any]:
+def _train(compress: bool, epochs: int, seed: int, lr: float, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One fit of the demo, float or compressed (with ``settings``, default :data:`DEMO_SETTINGS`)."""
     import lightning.pytorch as pl
     import torch
 
@@ -40,7 +41,9 @@ def _train(compress: bool, epochs: int, seed: int, lr: float) -> dict[str, Any]:
     pl.seed_everything(seed, verbose=False)
     data = DigitsDataModule(seed=seed)
     model = ClassifierModule(DigitsCNN(), lr=lr)
-    callback = SafetyGuidedQuantization(seed=seed, **DEMO_SETTINGS) if compress else None
+    callback = (
+        SafetyGuidedQuantization(seed=seed, **(DEMO_SETTINGS if settings is None else settings)) if compress else None
+    )
     trainer = quiet_trainer(epochs, [callback] if callback else [])
     start = time.perf_counter()
     trainer.fit(model, data)

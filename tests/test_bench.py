@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT / "experiments" / "bench"))
 import overhead  # noqa: E402
 import overhead_parts  # noqa: E402
 import peers  # noqa: E402
+import preservation_every  # noqa: E402
 
 
 def _last_json(stdout: str) -> dict:
@@ -401,3 +402,70 @@ def test_overhead_also_every_n_times_the_extra_side_end_to_end(monkeypatch, caps
     (result,) = summary["results"]
     assert summary["also_every_n"] == 2 and result["sgsc_every_2_ms"] > 0 and result["ratio_every_2"] > 0
     assert "every 2 steps" in out
+
+
+def test_preservation_every_parses_seed_ranges_and_lists_and_refuses_the_rest():
+    assert preservation_every.parse_ints("demo-seeds", "0-3", 0) == [0, 1, 2, 3]
+    assert preservation_every.parse_ints("every", "8,16", 1) == [8, 16]
+    assert preservation_every.parse_ints("peers-seeds", "none", 0) == []
+    for bad in ("8,8", "0", "x", "", "3-1"):
+        with pytest.raises(SystemExit, match=r"--every: got .*; allowed: distinct integers >= 1"):
+            preservation_every.parse_ints("every", bad, 1)
+
+
+def test_preservation_every_summary_means_and_per_seed_differences_against_the_first_value():
+    demo_rows = [
+        {"every": n, "seed": s, "acc": a, "float_acc": 0.99, "bytes": b}
+        for n, s, a, b in [(8, 0, 0.97, 2000), (8, 1, 0.95, 2200), (16, 0, 0.96, 2100), (16, 1, 0.96, 2100)]
+    ]
+    peers_rows = [
+        {"run": "sgsc-0.05", "every": n, "seed": s, "test_metric": a, "file_bytes": 1000 + n}
+        for n, s, a in [(8, 0, 0.87), (8, 1, 0.86), (16, 0, 0.875), (16, 1, 0.855)]
+    ]
+    got = preservation_every.summarize(demo_rows, peers_rows, [8, 16])
+    assert got["demo"][8]["acc_mean_sd"][0] == 96.0 and got["demo"][16]["acc_mean_sd"] == [96.0, 0.0]
+    assert got["demo"][8]["gap_to_float_mean"] == -3.0 and got["demo"][8]["bytes_mean_sd"][0] == 2100
+    point = got["peers"]["sgsc-0.05"]
+    assert point[8]["acc_mean"] == 86.5 and "diff_per_seed" not in point[8]
+    assert point[16]["diff_per_seed"] == [0.5, -0.5] and point[16]["bytes_mean"] == 1016
+
+
+def test_peers_passes_extra_callback_arguments_to_ours_only():
+    _, (callback,), _ = peers.build("sgsc_h3", 0.01, 0, {"preservation_every_n_steps": 16})
+    assert (
+        callback.preservation_every_n_steps == 16 and callback.quant_config.init_headroom == 3
+    )  # the variant's own kept
+    _, (plain,), _ = peers.build("sgsc_h3", 0.01, 0)
+    assert plain.preservation_every_n_steps == SafetyGuidedQuantization().preservation_every_n_steps
+    with pytest.raises(ValueError, match=r"extra callback arguments \['preservation_every_n_steps'\] apply to ours"):
+        peers.build("pruning", 0.5, 0, {"preservation_every_n_steps": 16})
+
+
+@pytest.mark.slow
+def test_preservation_every_trains_the_demo_at_each_value(monkeypatch, capsys):
+    import lightning_sgsc
+
+    seen = []
+
+    class Spy(lightning_sgsc.SafetyGuidedQuantization):
+        def __init__(self, **kwargs):
+            seen.append(kwargs["preservation_every_n_steps"])
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(lightning_sgsc, "SafetyGuidedQuantization", Spy)
+    argv = [
+        "preservation_every.py",
+        "--every",
+        "8,16",
+        "--demo-seeds",
+        "0",
+        "--demo-epochs",
+        "1",
+        "--peers-seeds",
+        "none",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    preservation_every.main()
+    summary = _last_json(capsys.readouterr().out)
+    assert seen == [8, 16] and summary["every"] == [8, 16] and summary["peers"] == {}
+    assert set(summary["demo"]) == {"8", "16"} and all(d["seeds"] == [0] for d in summary["demo"].values())

@@ -252,12 +252,15 @@ def _pruning(setting: float) -> tuple[pl.LightningModule, list[pl.Callback], Cal
 
 
 def build(
-    method: str, setting: float, seed: int = 0
+    method: str, setting: float, seed: int = 0, extra: dict[str, Any] | None = None
 ) -> tuple[pl.LightningModule, list[pl.Callback], Callable[..., int]]:
     """The module, callbacks and size function of one point; ``seed`` is the callback's (ours and the paper's
-    recipe); the peers' randomness comes from the global seed :func:`run_one` sets."""
+    recipe); the peers' randomness comes from the global seed :func:`run_one` sets. ``extra``: more arguments of
+    the callback (ours and the paper's recipe only)."""
     if method in OURS or method == "paper":
-        return _ours(setting, paper=method == "paper", seed=seed, **OURS.get(method, {}))
+        return _ours(setting, paper=method == "paper", seed=seed, **{**OURS.get(method, {}), **(extra or {})})
+    if extra:
+        raise ValueError(f"extra callback arguments {sorted(extra)} apply to ours and the paper's recipe, not {method}")
     return {"diffq": _diffq, "brevitas": _brevitas, "pruning": _pruning}[method](setting)
 
 
@@ -275,9 +278,16 @@ def available(method: str) -> bool:
 # ----------------------------------------------------------------------------------------------------------- runs
 
 
-def run_one(method: str, setting: float, data: pl.LightningDataModule, steps: int, seed: int = 0) -> dict[str, Any]:
+def run_one(
+    method: str,
+    setting: float,
+    data: pl.LightningDataModule,
+    steps: int,
+    seed: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     pl.seed_everything(seed, verbose=False)
-    module, callbacks, size = build(method, setting, seed)
+    module, callbacks, size = build(method, setting, seed, extra)
     trainer = quiet_trainer(
         -1,
         callbacks,
