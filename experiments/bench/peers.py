@@ -11,7 +11,8 @@ training images, batch 64, AdamW 1e-3, ``--steps`` steps) and is scored on the 1
 bytes of what a user would ship:
 
 * ``sgsc`` (ours at its defaults, several ``bit_weight``, ``b`` starting at 8 with 2 bits of headroom),
-  ``sgsc_h3`` (the same with 3 bits of headroom, down to ``bit_weight`` 0.001), ``sgsc_b4`` and ``sgsc_b2``
+  ``sgsc_h3`` (the same with 3 bits of headroom, down to ``bit_weight`` 0.001, and 0: no size term, ``b`` and ``e``
+  still learned per channel, the preservation loss and feedback loop on), ``sgsc_b4`` and ``sgsc_b2``
   (``b`` starting at 4 and 2, headroom 2 and 0; 2 bits is the front of the hyperparameter sweep): the file
   :func:`lightning_sgsc.export_compressed` writes.
 * ``paper``: the safety-guided paper's original recipe on our quantizer: ``b`` starts at 32 and ``e`` at -8,
@@ -79,7 +80,8 @@ from summarize import pareto_front
 FLOAT32_BYTES = 4 * 421_642
 SETTINGS: dict[str, list[float]] = {
     "sgsc": [0.02, 0.05, 0.1, 0.5],  # bit_weight, init_bits 8 (the default)
-    "sgsc_h3": [0.001, 0.002, 0.005, 0.01, 0.02, 0.05],  # bit_weight, init_bits 8, 3 bits of headroom
+    # bit_weight, init_bits 8, 3 bits of headroom; 0: no size term
+    "sgsc_h3": [0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05],
     "sgsc_b4": [0.05],  # bit_weight, init_bits 4
     "sgsc_b2": [0.1, 0.5],  # bit_weight, init_bits 2
     "paper": [0.1, 1.0],  # bit_weight (gamma): the recipe's 0.1 and a larger one
