@@ -469,3 +469,21 @@ def test_preservation_every_trains_the_demo_at_each_value(monkeypatch, capsys):
     summary = _last_json(capsys.readouterr().out)
     assert seen == [8, 16] and summary["every"] == [8, 16] and summary["peers"] == {}
     assert set(summary["demo"]) == {"8", "16"} and all(d["seeds"] == [0] for d in summary["demo"].values())
+
+
+def test_peers_worker_passes_extra_callback_arguments_when_the_job_has_them(monkeypatch):
+    calls = []
+    monkeypatch.setattr(peers, "make_data", lambda kind, limit: (kind, limit))
+    monkeypatch.setattr(peers, "run_one", lambda *args: calls.append(args) or {"run": "x"})
+    peers._run_in_worker(("sgsc", 0.05, "random", 10, 3, 1))
+    peers._run_in_worker(("sgsc", 0.05, "random", 10, 3, 1, {"preservation_every_n_steps": 16}))
+    assert calls[0] == ("sgsc", 0.05, ("random", 10), 3, 1)
+    assert calls[1] == ("sgsc", 0.05, ("random", 10), 3, 1, {"preservation_every_n_steps": 16})
+
+
+@pytest.mark.slow
+def test_preservation_every_runs_the_peers_points_in_workers_at_each_value(monkeypatch):
+    monkeypatch.setattr(preservation_every, "PEERS_POINTS", (("sgsc", 0.05),))
+    runs = preservation_every.peers_runs([8, 16], [0], jobs=1, steps=2, data="random")
+    assert [(r["run"], r["seed"], r["every"]) for r in runs] == [("sgsc-0.05", 0, 8), ("sgsc-0.05", 0, 16)]
+    assert all(r["file_bytes"] > 0 for r in runs)

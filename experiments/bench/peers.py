@@ -329,13 +329,14 @@ def _test_accuracy(module: pl.LightningModule, data: pl.LightningDataModule) -> 
     return correct / total
 
 
-def _run_in_worker(job: tuple[str, float, str, int, int, int]) -> dict[str, Any]:
-    """One run in a worker process (``--jobs``): 1 thread, its own copy of the data."""
-    method, setting, data_kind, train_limit, steps, seed = job
+def _run_in_worker(job: tuple[Any, ...]) -> dict[str, Any]:
+    """One run in a worker process (``--jobs``): 1 thread, its own copy of the data. ``job``: ``(method, setting,
+    data kind, train limit, steps, seed)``, optionally followed by ``extra`` callback arguments (see :func:`build`)."""
+    method, setting, data_kind, train_limit, steps, seed, *extra = job
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    return run_one(method, setting, make_data(data_kind, train_limit), steps, seed)
+    return run_one(method, setting, make_data(data_kind, train_limit), steps, seed, *extra)
 
 
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -29,7 +29,6 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import peers  # a sibling script: experiments/bench is on the path when this runs
-import torch
 
 from lightning_sgsc import demo
 
@@ -75,23 +74,19 @@ def demo_runs(every: list[int], seeds: list[int], epochs: int = 40) -> list[dict
     return runs
 
 
-def _peers_job(job: tuple[str, float, int, int, int, str]) -> dict[str, Any]:
-    method, setting, seed, n, steps, data_kind = job
-    torch.set_num_threads(1)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    data = peers.make_data(data_kind, 20_000)
-    run = peers.run_one(method, setting, data, steps, seed, {"preservation_every_n_steps": n})
-    return {**run, "every": n}
-
-
 def peers_runs(
     every: list[int], seeds: list[int], jobs: int, steps: int = 1000, data: str = "fashion"
 ) -> list[dict[str, Any]]:
-    todo = [(m, s, seed, n, steps, data) for m, s in PEERS_POINTS for seed in seeds for n in every]
+    todo = [
+        (m, s, data, 20_000, steps, seed, {"preservation_every_n_steps": n})
+        for m, s in PEERS_POINTS
+        for seed in seeds
+        for n in every
+    ]
     runs = []
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for run in pool.map(_peers_job, todo):
+        for job, run in zip(todo, pool.map(peers._run_in_worker, todo), strict=True):
+            run = {**run, "every": job[-1]["preservation_every_n_steps"]}
             print(json.dumps({"peers": {k: run[k] for k in ("run", "seed", "every", "test_metric", "file_bytes")}}))
             runs.append(run)
     return runs
