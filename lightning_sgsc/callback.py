@@ -43,6 +43,7 @@ from lightning_sgsc.losses import l1_term, weighted_sum
 from lightning_sgsc.mixin import SafetyGuidedMixin
 from lightning_sgsc.preservation.build import DEFAULT_FRACTIONS, build_preservation_set, check_fractions
 from lightning_sgsc.preservation.set import PreservationSampler, PreservationSet
+from lightning_sgsc.quant import native
 from lightning_sgsc.quant.fused import FusedQuantizer
 from lightning_sgsc.quant.modules import QuantizedLayer, quantized_layers, quantizer_parameters
 from lightning_sgsc.quant.swap import quantize_
@@ -263,6 +264,8 @@ class SafetyGuidedQuantization(Callback):
         self._any_pruned = any(bool(layer.pruned.any()) for layer in self._layers)
         if trainer.optimizers:
             self._own_param_group(trainer, pl_module)
+        if self._layers and trainer.strategy.root_device.type == "cpu":
+            rank_zero_info(f"[sgsc] quantizer kernel: {native.status()}")
         self._setup_preservation(trainer, pl_module)
 
     def _own_param_group(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

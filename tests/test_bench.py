@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lightning_sgsc import SafetyGuidedQuantization
+from lightning_sgsc.quant import native
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments" / "bench"))
@@ -35,6 +36,7 @@ def test_overhead_prints_a_ratio_per_model_and_peak_memory_when_scaling():
     )  # fmt: skip
     summary = _last_json(out.stdout)
     assert set(summary["ratio"]) == {"char_transformer_l8"} and summary["preservation_batch_size"] is None
+    assert summary["quantizer_kernel"] == native.status()  # which path the quantizer took is part of the figures
     (deep,) = summary["results"]
     assert deep["preservation_batch_size"] == 16  # the callback's default follows the training batch of 16
     assert deep["params"] > 400_000  # 8 layers: twice the blocks of the 205,595-parameter default
@@ -67,7 +69,7 @@ def test_rounds_alternate_the_order_of_the_sides():
 
 def test_overhead_parts_no_math_copies_the_weights_and_the_real_quantizer_comes_back():
     from lightning_sgsc.examples import DigitsCNN
-    from lightning_sgsc.quant import quantize_, quantized_layers
+    from lightning_sgsc.quant import native, quantize_, quantized_layers
     from lightning_sgsc.quant.fused import FusedQuantizer
 
     net = DigitsCNN()
@@ -75,9 +77,11 @@ def test_overhead_parts_no_math_copies_the_weights_and_the_real_quantizer_comes_
     layers = [m for _, m in quantized_layers(net)]
     overhead_parts.use("no_math")
     try:
+        assert not native.enabled  # the copies replace the torch path's arithmetic: the kernel must not run
         _, copied = FusedQuantizer(layers).quantize_all()
     finally:
         overhead_parts.use("quantizer")
+    assert native.enabled
     _, quantized = FusedQuantizer(layers).quantize_all()
     assert all(torch.equal(q, m.weight) for q, m in zip(copied, layers, strict=True))
     assert not any(torch.equal(q, m.weight) for q, m in zip(quantized, layers, strict=True))  # 2 bits: rounded

@@ -23,9 +23,10 @@ def test_public_api_names_resolve():
     assert {"SafetyGuidedQuantization", "SafetyGuidedMixin", "quantize_", "model_size"} <= set(lightning_sgsc.__all__)
 
 
-def test_the_package_ships_its_type_annotations():
-    # PEP 561: the py.typed marker in the package, and setup.cfg putting it into the wheel
+def test_the_package_ships_its_type_annotations_and_the_kernel_source():
+    # PEP 561: the py.typed marker in the package; the C source the native quantizer compiles at first use
     assert resources.files("lightning_sgsc").joinpath("py.typed").is_file()
+    assert resources.files("lightning_sgsc").joinpath("quant/_kernel.c").is_file()
     setup = configparser.ConfigParser()
     setup.read(Path(__file__).resolve().parents[1] / "setup.cfg")
-    assert setup.get("options.package_data", "lightning_sgsc").split() == ["py.typed"]
+    assert setup.get("options.package_data", "lightning_sgsc").split() == ["py.typed", "quant/_kernel.c"]

@@ -3,11 +3,13 @@
     python experiments/bench/overhead_parts.py [--model digits_cnn] [--steps 150] [--rounds 10]
     python experiments/bench/overhead_parts.py --flat-be [--model char_transformer] [--steps 2000] [--rounds 7]
 
-Five fits alternate in one process (reversed every other round), timed as in ``overhead.py``:
+Six fits alternate in one process (reversed every other round), timed as in ``overhead.py``:
 
 * ``float``: the plain model;
-* ``quantizer``: the callback without a preservation set (as ``overhead.py``'s quantizer side);
-* ``no_math``: the same, with the quantizer's elementwise arithmetic replaced by a copy (forward: ``q = w``;
+* ``quantizer``: the callback without a preservation set (as ``overhead.py``'s quantizer side), as shipped: the
+  fused quantizer's arithmetic in the native kernel where it builds (``lightning_sgsc.quant.native``);
+* ``quantizer_torch``: the same on the torch path (the kernel switched off);
+* ``no_math``: the torch path with the quantizer's elementwise arithmetic replaced by a copy (forward: ``q = w``;
   backward: ``dw = dq``, ``db = de = 0``): everything else stays, the one autograd Function, the stacking of the
   layers into one matrix, the per-channel vectors, the extra gradients and the b/e optimizer group;
 * ``no_math_frozen_be``: ``no_math`` with ``bits`` and ``exponent`` frozen (``requires_grad=False`` at fit start):
@@ -15,7 +17,8 @@ Five fits alternate in one process (reversed every other round), timed as in ``o
 * ``no_quantizer``: the twins compute with their float weights and the step quantizes nothing (the callback, the
   mixin and the b/e param group stay, with no gradients).
 
-``quantizer - no_math`` is what the arithmetic costs; ``no_math - no_quantizer`` the machinery around it, of which
+``quantizer_torch - quantizer`` is what the native kernel saves; ``quantizer_torch - no_math`` what the torch
+path's arithmetic costs; ``no_math - no_quantizer`` the machinery around it, of which
 ``no_math - no_math_frozen_be`` is the b/e gradients and their optimizer group. The
 figures are diagnostics of where time goes (the fits are not training the model one would use). The last line is
 one JSON object with each variant's median ms per step and median ratio to ``float``.
@@ -45,10 +48,10 @@ import torch
 from overhead import WARMUP_STEPS, StepTimer, _callback, _setup, order
 
 from lightning_sgsc.examples.training import quiet_trainer
-from lightning_sgsc.quant import fused, modules
+from lightning_sgsc.quant import fused, modules, native
 from lightning_sgsc.quant.modules import quantizer_parameters
 
-VARIANTS = ("float", "quantizer", "no_math", "no_math_frozen_be", "no_quantizer")
+VARIANTS = ("float", "quantizer", "quantizer_torch", "no_math", "no_math_frozen_be", "no_quantizer")
 _REAL = (
     fused._quantize_forward,
     fused._quantize_backward,
@@ -80,8 +83,10 @@ def _zero_bits(self: fused.FusedQuantizer) -> torch.Tensor:
 
 
 def use(variant: str) -> None:
-    """Patches the quantizer for ``variant`` (``float`` and ``quantizer``: the real code)."""
+    """Patches the quantizer for ``variant`` (``float`` and ``quantizer``: the real code; every other variant runs
+    the torch path)."""
     forward, backward, step, weight, bits = _REAL
+    native.enabled = variant in ("float", "quantizer")
     if variant.startswith("no_math"):
         forward, backward = _copy_forward, _copy_backward
     elif variant == "no_quantizer":

@@ -16,8 +16,12 @@ Inside :meth:`FusedQuantizer.step` every layer's ``quantized_weight()`` returns 
 task forward and the preservation forward alike; the gradients of both reach ``w``, ``b`` and ``e`` through the
 same node.
 
-The arithmetic is the per-layer quantizer's, element for element: the quantized weights are bit-identical; the
-per-channel gradient sums may differ in the last bits (other summation order)."""
+On the CPU (float32 contiguous weights) the arithmetic of each direction is one call of a small native kernel over
+every layer's weights in place (:mod:`.native`: no stacking, no per-operation dispatch); where the kernel cannot be
+built or used, the torch path above runs.
+
+The arithmetic is the per-layer quantizer's, element for element: the quantized weights are bit-identical on
+either path; the per-channel gradient sums may differ in the last bits (other summation order)."""
 
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import torch
 from torch import Tensor
 
 from lightning_sgsc.losses import bits_per_weight
+from lightning_sgsc.quant import native
 from lightning_sgsc.quant.functional import _quantize_backward, _quantize_forward, _Steps
 from lightning_sgsc.quant.modules import QuantizedLayer
 
@@ -179,6 +184,7 @@ class _Plan:
     keep: Tensor
     pruned: tuple[Tensor, ...]  # the masks ``keep`` was made from, with their versions below
     versions: tuple[int, ...]
+    layout: native.Layout  # the layers' rows and columns for the native kernel
 
     @property
     def n(self) -> int:
@@ -208,13 +214,19 @@ class _FusedQuantize(torch.autograd.Function):
         weights = tensors[2 * n :]
         effective = torch.relu(bits).mul_(plan.keep)  # max(b, 0), and 0 for pruned channels
         steps = _Steps.of(effective, exponent)
-        out: list[Tensor | None] = [None] * n
-        stamp = object()  # marks the stacked weights, so the backward can use them if nothing stacked since
-        for group in plan.groups:
-            rows = steps if plan.whole else steps.rows(group.start, group.stop)
-            group.unstack(_quantize_forward(group.stack(weights, 0, stamp), rows), out)
         ctx.plan = plan
-        ctx.stamp = stamp
+        lib = native.library() if effective.device.type == "cpu" else None
+        ctx.native = lib is not None and native.usable(weights)
+        if lib is not None and ctx.native:  # one call for every layer; the same numbers as the loop below
+            out: list[Tensor | None] = list(native.forward(lib, plan.layout, weights, steps[:4]))
+            ctx.stamp = None
+        else:
+            out = [None] * n
+            stamp = object()  # marks the stacked weights, so the backward can use them if nothing stacked since
+            for group in plan.groups:
+                rows = steps if plan.whole else steps.rows(group.start, group.stop)
+                group.unstack(_quantize_forward(group.stack(weights, 0, stamp), rows), out)
+            ctx.stamp = stamp
         ctx.save_for_backward(effective, *steps, *weights)
         return (torch.dot(effective, plan.share), *out)  # type: ignore[arg-type]
 
@@ -228,6 +240,9 @@ class _FusedQuantize(torch.autograd.Function):
         needs_input = ctx.needs_input_grad
         need_b, need_e = any(needs_input[1 : 1 + n]), any(needs_input[1 + n : 1 + 2 * n])
         needs_w = needs_input[1 + 2 * n :]
+        lib = native.library() if ctx.native else None
+        if lib is not None:
+            return _FusedQuantize._native_backward(lib, plan, effective, steps, weights, grad_bpw, grads, needs_input)
         grad_w: list[Tensor | None] = [None] * n
         grad_b: list[Tensor] = []
         grad_e: list[Tensor] = []
@@ -253,6 +268,33 @@ class _FusedQuantize(torch.autograd.Function):
             e = torch.cat(grad_e) if len(grad_e) > 1 else grad_e[0]
             per_layer_e = e.split_with_sizes(plan.channels) if n > 1 else (e,)
         grad_w = [g if need else None for g, need in zip(grad_w, needs_w, strict=True)]
+        return (None, *per_layer_b, *per_layer_e, *grad_w)
+
+    @staticmethod
+    def _native_backward(
+        lib: Any,
+        plan: _Plan,
+        effective: Tensor,
+        steps: _Steps,
+        weights: Sequence[Tensor],
+        grad_bpw: Tensor,
+        grads: Sequence[Tensor],
+        needs_input: Sequence[bool],
+    ) -> tuple[Tensor | None, ...]:
+        """:meth:`backward` as one native call (:mod:`.native`) for every layer."""
+        n = plan.n
+        grads = [g if g.dtype == torch.float32 and g.is_contiguous() else g.float().contiguous() for g in grads]
+        needs_w = needs_input[1 + 2 * n :]
+        vectors = (steps.inv_scale, steps.lo, steps.hi, steps.b_factor, steps.e_factor)
+        grad_w, b, e = native.backward(
+            lib, plan.layout, weights, grads, needs_w, vectors, plan.share, effective, float(grad_bpw)
+        )
+        per_layer_b: Sequence[Tensor | None] = [None] * n
+        per_layer_e: Sequence[Tensor | None] = [None] * n
+        if any(needs_input[1 : 1 + n]):
+            per_layer_b = b.split_with_sizes(plan.channels) if n > 1 else (b,)
+        if any(needs_input[1 + n : 1 + 2 * n]):
+            per_layer_e = e.split_with_sizes(plan.channels) if n > 1 else (e,)
         return (None, *per_layer_b, *per_layer_e, *grad_w)
 
 
@@ -294,7 +336,8 @@ class FusedQuantizer:
         else:
             share = plan.share
         keep = torch.cat(pruned).logical_not().to(device=device, dtype=torch.float32)
-        self._plan = _Plan(self._groups, channels, share, keep, pruned, versions)
+        layout = plan.layout if plan is not None else native.Layout(channels, [m.fan_in for m in self._ordered])
+        self._plan = _Plan(self._groups, channels, share, keep, pruned, versions, layout)
         return self._plan
 
     def bits_per_weight(self) -> Tensor:
