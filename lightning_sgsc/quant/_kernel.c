@@ -6,8 +6,9 @@
  * Compiled at first use by lightning_sgsc/quant/native.py (plain C, no Python or torch headers) and called
  * through ctypes; the caller checks every shape, dtype and layout before it passes a pointer.
  *
- * Layer m has rows[m] output channels of cols[m] weights each, contiguous; channel c of the per-channel vectors
- * (all layers' channels in order) is row c - (channels of the layers before m) of layer m.
+ * Layer m has rows[m] output channels of cols[m] weights each, contiguous, and rows[m] bits and exponents; channel
+ * c of the per-channel vectors (all layers' channels in order) is row c - (channels of the layers before m) of
+ * layer m.
  */
 #include <math.h>
 #include <stddef.h>
@@ -26,10 +27,44 @@ static inline float clamp_(float x, float lo, float hi) {
     return x > hi ? hi : x;
 }
 
-/* q = 2^e * round(clamp(2^-e w, lo, hi)) for every layer. */
-SGSC_CLONES void sgsc_forward(int64_t n, const int64_t *rows, const int64_t *cols, const float *const *w,
-                              float *const *q, const float *scale, const float *inv_scale, const float *lo,
-                              const float *hi) {
+/* Rows of the per-channel table written by sgsc_forward and read by sgsc_backward (C floats each). */
+enum { SCALE, INV_SCALE, LO, HI, E_FACTOR, B_FACTOR, EFFECTIVE, ROWS };
+
+/* The per-channel table as functional._Steps.of computes it, from bits b and exponents e (one pointer per layer):
+ * effective = max(b, 0) * keep, rows (e, e, eff, eff, e, e + eff), arg = arg_offset + row * arg_sign,
+ * p = (float)exp2((double)arg), value = offset + p * sign; consts holds arg_offset, arg_sign, offset and sign (6
+ * floats each, the float32 values of _constants). Returns sum(effective * share), the bits-per-weight term. Not
+ * vectorised on purpose: exp2 stays glibc's double exp2 (what torch's scalar kernel calls). */
+__attribute__((noinline)) static float channel_table(int64_t n, const int64_t *rows, const float *const *bits, const float *const *exponent,
+                           const float *keep, const float *share, const float *consts, float *table, int64_t C) {
+    const float *arg_offset = consts, *arg_sign = consts + 6, *offset = consts + 12, *sign = consts + 18;
+    float bpw = 0.0f;
+    int64_t c = 0;
+    for (int64_t m = 0; m < n; m++) {
+        for (int64_t r = 0; r < rows[m]; r++, c++) {
+            const float b = bits[m][r], e = exponent[m][r];
+            const float effective = (b < 0.0f ? 0.0f : b) * keep[c];
+            const float row[6] = {e, e, effective, effective, e, e + effective};
+            for (int i = 0; i < 6; i++) {
+                const float p = (float)exp2((double)(arg_offset[i] + row[i] * arg_sign[i]));
+                table[i * C + c] = offset[i] + p * sign[i];
+            }
+            table[EFFECTIVE * C + c] = effective;
+            bpw += effective * share[c];
+        }
+    }
+    return bpw;
+}
+
+/* q = 2^e * round(clamp(2^-e w, lo, hi)) for every layer, after the per-channel table (ROWS x C floats, kept for
+ * the backward); *bpw receives the bits-per-weight term. */
+SGSC_CLONES void sgsc_forward(int64_t n, const int64_t *rows, const int64_t *cols, const float *const *bits,
+                              const float *const *exponent, const float *keep, const float *share,
+                              const float *consts, const float *const *w, float *const *q, float *table, int64_t C,
+                              float *bpw) {
+    *bpw = channel_table(n, rows, bits, exponent, keep, share, consts, table, C);
+    const float *scale = table + SCALE * C, *inv_scale = table + INV_SCALE * C;
+    const float *lo = table + LO * C, *hi = table + HI * C;
     int64_t c = 0;
     for (int64_t m = 0; m < n; m++) {
         const int64_t f = cols[m];
@@ -45,11 +80,13 @@ SGSC_CLONES void sgsc_forward(int64_t n, const int64_t *rows, const int64_t *col
 /* STE gradients for the upstream gradients g: gw (NULL for a layer whose weight needs none) and, per channel,
  *   gb = (sum(g * side) * b_factor + share * grad_bpw) * sign(effective),  ge = sum(g * residual) * e_factor
  * with side = sign(x - clamp(x)) and residual = round(clamp(x)) - clamp(x) + |side| * clamp(x), as
- * _quantize_backward and _FusedQuantize.backward compute them. */
+ * _quantize_backward and _FusedQuantize.backward compute them; table: the forward's. */
 SGSC_CLONES void sgsc_backward(int64_t n, const int64_t *rows, const int64_t *cols, const float *const *w,
-                               const float *const *g, float *const *gw, const float *inv_scale, const float *lo,
-                               const float *hi, const float *b_factor, const float *e_factor, const float *share,
-                               const float *effective, float grad_bpw, float *gb, float *ge) {
+                               const float *const *g, float *const *gw, const float *table, int64_t C,
+                               const float *share, float grad_bpw, float *gb, float *ge) {
+    const float *inv_scale = table + INV_SCALE * C, *lo = table + LO * C, *hi = table + HI * C;
+    const float *b_factor = table + B_FACTOR * C, *e_factor = table + E_FACTOR * C;
+    const float *effective = table + EFFECTIVE * C;
     int64_t c = 0;
     for (int64_t m = 0; m < n; m++) {
         const int64_t f = cols[m];

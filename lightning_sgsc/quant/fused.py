@@ -209,47 +209,52 @@ class _FusedQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, plan: _Plan, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         n = plan.n
+        weights = tensors[2 * n :]
+        ctx.plan = plan
+        lib = native.library() if tensors[0].is_cpu else None
+        ctx.native = lib is not None and native.usable(tensors)
+        if lib is not None and ctx.native:  # one call for every layer: the same numbers as the torch path below
+            out, table, bpw = native.forward(
+                lib, plan.layout, tensors[:n], tensors[n : 2 * n], plan.keep, plan.share, weights
+            )
+            ctx.save_for_backward(table, *weights)
+            return (bpw, *out)
         bits = (torch.cat(tensors[:n]) if n > 1 else tensors[0]).float()
         exponent = (torch.cat(tensors[n : 2 * n]) if n > 1 else tensors[n]).float()
-        weights = tensors[2 * n :]
         effective = torch.relu(bits).mul_(plan.keep)  # max(b, 0), and 0 for pruned channels
         steps = _Steps.of(effective, exponent)
-        ctx.plan = plan
-        lib = native.library() if effective.device.type == "cpu" else None
-        ctx.native = lib is not None and native.usable(weights)
-        if lib is not None and ctx.native:  # one call for every layer; the same numbers as the loop below
-            out: list[Tensor | None] = list(native.forward(lib, plan.layout, weights, steps[:4]))
-            ctx.stamp = None
-        else:
-            out = [None] * n
-            stamp = object()  # marks the stacked weights, so the backward can use them if nothing stacked since
-            for group in plan.groups:
-                rows = steps if plan.whole else steps.rows(group.start, group.stop)
-                group.unstack(_quantize_forward(group.stack(weights, 0, stamp), rows), out)
-            ctx.stamp = stamp
+        quantized: list[Tensor | None] = [None] * n
+        stamp = object()  # marks the stacked weights, so the backward can use them if nothing stacked since
+        for group in plan.groups:
+            rows = steps if plan.whole else steps.rows(group.start, group.stop)
+            group.unstack(_quantize_forward(group.stack(weights, 0, stamp), rows), quantized)
+        ctx.stamp = stamp
         ctx.save_for_backward(effective, *steps, *weights)
-        return (torch.dot(effective, plan.share), *out)  # type: ignore[arg-type]
+        return (torch.dot(effective, plan.share), *quantized)  # type: ignore[arg-type]
 
     @staticmethod
     def backward(ctx: Any, grad_bpw: Tensor, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         plan: _Plan = ctx.plan
         n = plan.n
-        effective, *saved = ctx.saved_tensors
-        steps = _Steps(*saved[:6])
-        weights = saved[6:]
         needs_input = ctx.needs_input_grad
+        if ctx.native:
+            table, *weights = ctx.saved_tensors
+            lib = native.library()
+            if lib is not None:
+                return _FusedQuantize._native_backward(lib, plan, table, weights, grad_bpw, grads, needs_input)
+            effective, steps, stamp = table[native.TABLE_ROWS - 1], _Steps.of_table(table), None  # switched off since
+        else:
+            effective, *saved = ctx.saved_tensors
+            steps, weights, stamp = _Steps(*saved[:6]), saved[6:], ctx.stamp
         need_b, need_e = any(needs_input[1 : 1 + n]), any(needs_input[1 + n : 1 + 2 * n])
         needs_w = needs_input[1 + 2 * n :]
-        lib = native.library() if ctx.native else None
-        if lib is not None:
-            return _FusedQuantize._native_backward(lib, plan, effective, steps, weights, grad_bpw, grads, needs_input)
         grad_w: list[Tensor | None] = [None] * n
         grad_b: list[Tensor] = []
         grad_e: list[Tensor] = []
         for group in plan.groups:
             needs = (any(needs_w[i] for i in group.members), need_b, need_e)
             rows = steps if plan.whole else steps.rows(group.start, group.stop)
-            stacked = group.restack(weights, 0, ctx.stamp)
+            stacked = group.restack(weights, 0, stamp)
             gw, gb, ge = _quantize_backward(stacked, group.stack(grads, 1), rows, needs)
             if gw is not None:
                 group.unstack(gw, grad_w, [w.dtype for w in weights])
@@ -274,8 +279,7 @@ class _FusedQuantize(torch.autograd.Function):
     def _native_backward(
         lib: Any,
         plan: _Plan,
-        effective: Tensor,
-        steps: _Steps,
+        table: Tensor,
         weights: Sequence[Tensor],
         grad_bpw: Tensor,
         grads: Sequence[Tensor],
@@ -283,12 +287,10 @@ class _FusedQuantize(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         """:meth:`backward` as one native call (:mod:`.native`) for every layer."""
         n = plan.n
-        grads = [g if g.dtype == torch.float32 and g.is_contiguous() else g.float().contiguous() for g in grads]
+        f32 = torch.float32
+        grads = [g if g.dtype is f32 and g.is_contiguous() else g.float().contiguous() for g in grads]
         needs_w = needs_input[1 + 2 * n :]
-        vectors = (steps.inv_scale, steps.lo, steps.hi, steps.b_factor, steps.e_factor)
-        grad_w, b, e = native.backward(
-            lib, plan.layout, weights, grads, needs_w, vectors, plan.share, effective, float(grad_bpw)
-        )
+        grad_w, b, e = native.backward(lib, plan.layout, weights, grads, needs_w, table, plan.share, float(grad_bpw))
         per_layer_b: Sequence[Tensor | None] = [None] * n
         per_layer_e: Sequence[Tensor | None] = [None] * n
         if any(needs_input[1 : 1 + n]):

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lightning_sgsc.quant.functional import _constants  # the torch path's float32 constants
+
 ENV_SWITCH = "LIGHTNING_SGSC_NATIVE"
 """Set to ``0`` to use the torch path only."""
 ENV_CACHE = "LIGHTNING_SGSC_CACHE"
@@ -94,9 +96,9 @@ def _build() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
     lib.sgsc_forward.restype = None
-    lib.sgsc_forward.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _P, _P]
+    lib.sgsc_forward.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _P]
     lib.sgsc_backward.restype = None
-    lib.sgsc_backward.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_float, _P, _P]
+    lib.sgsc_backward.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _I64, _P, ctypes.c_float, _P, _P]
     return lib
 
 
@@ -131,10 +133,14 @@ def status() -> str:
 
 def usable(tensors: Sequence[Tensor]) -> bool:
     """Whether the kernel can take these tensors as they are: contiguous float32 on the CPU."""
-    for t in tensors:
-        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
-            return False
-    return True
+    f32 = torch.float32
+    return all(t.is_cpu and t.dtype is f32 and t.is_contiguous() for t in tensors)
+
+
+TABLE_ROWS = 7
+"""Rows of the per-channel table :func:`forward` returns: ``2^e``, ``2^-e``, the clamp bounds ``-2^(b-1)`` and
+``2^(b-1) - 1``, ``ln2 2^e``, ``ln2 2^e 2^(b-1)`` (the rows of :class:`~.functional._Steps`) and the effective
+bits ``max(b, 0)`` (0 for pruned channels)."""
 
 
 class Layout:
@@ -142,39 +148,62 @@ class Layout:
 
     def __init__(self, rows: Sequence[int], cols: Sequence[int]) -> None:
         self.n = len(rows)
+        self.channels = sum(rows)
         self.rows = (ctypes.c_int64 * self.n)(*rows)
         self.cols = (ctypes.c_int64 * self.n)(*cols)
         self.numel = tuple(r * c for r, c in zip(rows, cols, strict=True))
         self._pointers = _P * self.n
+        self.consts = torch.cat([c.reshape(-1) for c in _constants(torch.device("cpu"))]).contiguous()
 
     def pointers(self, tensors: Sequence[Tensor | None]) -> ctypes.Array[ctypes.c_void_p]:
         return self._pointers(*[None if t is None else t.data_ptr() for t in tensors])
 
-    def check(self, tensors: Sequence[Tensor]) -> None:
-        """Every tensor holds exactly its layer's weights (what the kernel will read or write)."""
-        for t, numel in zip(tensors, self.numel, strict=True):
+    def check(self, tensors: Sequence[Tensor], per_channel: bool = False) -> None:
+        """Every tensor holds exactly its layer's weights (or, ``per_channel``, one value per channel): what the
+        kernel will read or write."""
+        sizes = self.rows if per_channel else self.numel
+        for t, numel in zip(tensors, sizes, strict=True):
             if t.numel() != numel:
                 raise RuntimeError(f"native quantizer: a tensor of {t.numel()} elements where {numel} were planned")
 
 
-def forward(lib: ctypes.CDLL, layout: Layout, weights: Sequence[Tensor], vectors: Sequence[Tensor]) -> list[Tensor]:
-    """Each layer's quantized weight (new tensors shaped like the weights). ``vectors``: ``(scale, inv_scale, lo,
-    hi)``, contiguous float32 ``(C,)`` over all layers' channels."""
+def forward(
+    lib: ctypes.CDLL,
+    layout: Layout,
+    bits: Sequence[Tensor],
+    exponents: Sequence[Tensor],
+    keep: Tensor,
+    share: Tensor,
+    weights: Sequence[Tensor],
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """``(each layer's quantized weight, the per-channel table, the bits-per-weight term)`` in one call: the
+    quantized weights are new tensors shaped like the weights, the table is ``(TABLE_ROWS, C)`` (see
+    :data:`TABLE_ROWS`; :func:`backward` takes it), the term ``sum(max(b, 0) * keep * share)`` a 0-dim tensor.
+    Every tensor must be :func:`usable`; ``keep`` and ``share`` are ``(C,)``."""
     layout.check(weights)
+    layout.check(bits, per_channel=True)
+    layout.check(exponents, per_channel=True)
+    if keep.numel() != layout.channels or share.numel() != layout.channels:
+        raise RuntimeError(f"native quantizer: keep/share of {keep.numel()}/{share.numel()} for {layout.channels}")
     out = [torch.empty_like(w) for w in weights]
-    scale, inv_scale, lo, hi = vectors
+    table = torch.empty((TABLE_ROWS, layout.channels))
+    bpw = torch.empty(())
     lib.sgsc_forward(
         layout.n,
         layout.rows,
         layout.cols,
+        layout.pointers(bits),
+        layout.pointers(exponents),
+        keep.data_ptr(),
+        share.data_ptr(),
+        layout.consts.data_ptr(),
         layout.pointers(weights),
         layout.pointers(out),
-        scale.data_ptr(),
-        inv_scale.data_ptr(),
-        lo.data_ptr(),
-        hi.data_ptr(),
+        table.data_ptr(),
+        layout.channels,
+        bpw.data_ptr(),
     )
-    return out
+    return out, table, bpw
 
 
 def backward(
@@ -183,19 +212,18 @@ def backward(
     weights: Sequence[Tensor],
     grads: Sequence[Tensor],
     needs_w: Sequence[bool],
-    vectors: Sequence[Tensor],
+    table: Tensor,
     share: Tensor,
-    effective: Tensor,
     grad_bpw: float,
 ) -> tuple[list[Tensor | None], Tensor, Tensor]:
     """``(weight gradients or None where not needed, b gradients, e gradients)``, the last two flat ``(C,)``.
-    ``grads`` must be contiguous float32 (see :func:`usable`); ``vectors``: ``(inv_scale, lo, hi, b_factor,
-    e_factor)``."""
+    ``grads`` must be :func:`usable`; ``table``: the forward's."""
     layout.check(weights)
     layout.check(grads)
+    if tuple(table.shape) != (TABLE_ROWS, layout.channels) or share.numel() != layout.channels:
+        raise RuntimeError(f"native quantizer: a table of shape {tuple(table.shape)} for {layout.channels} channels")
     grad_w = [torch.empty_like(w) if need else None for w, need in zip(weights, needs_w, strict=True)]
-    flat = torch.empty((2, effective.shape[0]))
-    inv_scale, lo, hi, b_factor, e_factor = vectors
+    flat = torch.empty((2, layout.channels))
     lib.sgsc_backward(
         layout.n,
         layout.rows,
@@ -203,13 +231,9 @@ def backward(
         layout.pointers(weights),
         layout.pointers(grads),
         layout.pointers(grad_w),
-        inv_scale.data_ptr(),
-        lo.data_ptr(),
-        hi.data_ptr(),
-        b_factor.data_ptr(),
-        e_factor.data_ptr(),
+        table.data_ptr(),
+        layout.channels,
         share.data_ptr(),
-        effective.data_ptr(),
         grad_bpw,
         flat[0].data_ptr(),
         flat[1].data_ptr(),

@@ -79,6 +79,8 @@ def test_the_layout_refuses_tensors_of_another_size():
     layout = native.Layout([2, 3], [4, 5])
     with pytest.raises(RuntimeError, match="a tensor of 7 elements where 15 were planned"):
         layout.check([torch.zeros(2, 4), torch.zeros(7)])
+    with pytest.raises(RuntimeError, match="a tensor of 4 elements where 3 were planned"):
+        layout.check([torch.zeros(2), torch.zeros(4)], per_channel=True)
 
 
 def test_usable_takes_contiguous_float32_cpu_tensors_only():
@@ -86,6 +88,11 @@ def test_usable_takes_contiguous_float32_cpu_tensors_only():
     assert not native.usable([torch.zeros(3, 4).t()])
     assert not native.usable([torch.zeros(3, 4, dtype=torch.float64)])
     assert not native.usable([torch.zeros(3, 4, dtype=torch.bfloat16)])
+
+
+def _torch_table(bits: torch.Tensor, exponent: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, _Steps]:
+    effective = torch.relu(bits) * keep
+    return effective, _Steps.of(effective, exponent)
 
 
 @needs_cc
@@ -99,29 +106,27 @@ def test_the_kernel_computes_the_torch_paths_numbers(fresh):
     rows = [s[0] for s in shapes]
     cols = [w[0].numel() for w in weights]
     c = sum(rows)
-    bits = torch.rand(c) * 6.0
+    bits = torch.rand(c) * 6.0 - 1.0  # some below zero
     bits[[0, 6, 13]] = torch.tensor([0.0, 1.0, 2.5])  # zero bits, one bit, fractional
     exponent = torch.randn(c) - 6.0
     exponent[1] = -5.0  # exact halves after scaling: the rounding is half-to-even
     weights[0][1].view(-1)[:6] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5]) * 2.0**-5
-    steps = _Steps.of(bits, exponent)
-    layout = native.Layout(rows, cols)
-    got = native.forward(lib, layout, weights, steps[:4])
-    offsets = [0, *torch.tensor(rows).cumsum(0).tolist()]
-    grads = [torch.randn(s) for s in shapes]
+    keep = torch.ones(c)
+    keep[[2, 9]] = 0.0  # pruned channels
     share = torch.rand(c)
-    needs = [True, False, True]
-    grad_w, gb, ge = native.backward(
-        lib,
-        layout,
-        weights,
-        grads,
-        needs,
-        (steps.inv_scale, steps.lo, steps.hi, steps.b_factor, steps.e_factor),
-        share,
-        bits,
-        0.25,
+    offsets = [0, *torch.tensor(rows).cumsum(0).tolist()]
+    per_layer = [slice(offsets[i], offsets[i + 1]) for i in range(len(shapes))]
+    layout = native.Layout(rows, cols)
+    got, table, bpw = native.forward(
+        lib, layout, [bits[s] for s in per_layer], [exponent[s] for s in per_layer], keep, share, weights
     )
+    effective, steps = _torch_table(bits, exponent, keep)
+    expected_table = torch.stack([*(v.reshape(-1) for v in steps), effective])
+    assert torch.equal(table, expected_table)  # every per-channel factor bit for bit
+    assert bpw.item() == pytest.approx(torch.dot(effective, share).item(), rel=1e-6)
+    grads = [torch.randn(s) for s in shapes]
+    needs = [True, False, True]
+    grad_w, gb, ge = native.backward(lib, layout, weights, grads, needs, table, share, 0.25)
     for i, w in enumerate(weights):
         rows_i = steps.rows(offsets[i], offsets[i + 1])
         flat = w.reshape(w.shape[0], -1)
@@ -132,9 +137,24 @@ def test_the_kernel_computes_the_torch_paths_numbers(fresh):
             assert torch.equal(grad_w[i], ew.view(w.shape))
         else:
             assert grad_w[i] is None
-        eb = (eb + share[offsets[i] : offsets[i + 1]] * 0.25) * bits[offsets[i] : offsets[i + 1]].sign()
-        torch.testing.assert_close(gb[offsets[i] : offsets[i + 1]], eb, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ge[offsets[i] : offsets[i + 1]], ee, rtol=1e-5, atol=1e-6)
+        eb = (eb + share[per_layer[i]] * 0.25) * effective[per_layer[i]].sign()
+        torch.testing.assert_close(gb[per_layer[i]], eb, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ge[per_layer[i]], ee, rtol=1e-5, atol=1e-6)
+
+
+@needs_cc
+def test_the_kernels_powers_of_two_are_the_torch_paths_for_many_exponents(fresh):
+    """2^e comes from glibc's double exp2 in the kernel and from torch's float64 exp2 (vectorised) on the torch
+    path, each rounded to float32 once: the same float32 for every one of 200,000 random bits and exponents."""
+    lib = native.library()
+    assert lib is not None
+    torch.manual_seed(5)
+    c = 200_000
+    bits, exponent = torch.rand(c) * 18.0 - 1.0, torch.randn(c) * 8.0
+    keep, share = torch.ones(c), torch.zeros(c)
+    _, table, _ = native.forward(lib, native.Layout([c], [1]), [bits], [exponent], keep, share, [torch.zeros(c, 1)])
+    effective, steps = _torch_table(bits, exponent, keep)
+    assert torch.equal(table, torch.stack([*(v.reshape(-1) for v in steps), effective]))
 
 
 def _run_fused(model: torch.nn.Module, upstream_t: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
