@@ -48,6 +48,8 @@ _I64 = ctypes.c_int64
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _status: str | None = None  # None: not tried yet
+_SWITCH_ON = ("1", "on", "yes", "true", "")
+_SWITCH_OFF = ("0", "off", "no", "false")
 enabled = True
 """Process-wide switch (``False``: the torch path), e.g. to time both paths in one process."""
 
@@ -110,8 +112,15 @@ def library() -> ctypes.CDLL | None:
     if _status is None:
         with _lock:
             if _status is None:
-                if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-                    _status = f"off ({ENV_SWITCH}={os.environ[ENV_SWITCH]})"
+                switch = os.environ.get(ENV_SWITCH, "1")
+                if switch.strip().lower() not in _SWITCH_ON + _SWITCH_OFF:
+                    from lightning_sgsc.errors import SGSCValueError, describe_rule
+
+                    raise SGSCValueError(
+                        describe_rule(f"${ENV_SWITCH}", "one of 1/0, on/off, yes/no, true/false", switch)
+                    )
+                if switch.strip().lower() in _SWITCH_OFF:
+                    _status = f"off ({ENV_SWITCH}={switch})"
                 else:
                     try:
                         _library = _build()
@@ -155,6 +164,10 @@ class Layout:
         self._pointers = _P * self.n
         self.consts = torch.cat([c.reshape(-1) for c in _constants(torch.device("cpu"))]).contiguous()
 
+    def __reduce__(self) -> tuple[type[Layout], tuple[list[int], list[int]]]:
+        # ctypes array types made at run time do not pickle; the sizes do (a pickled callback or quantizer)
+        return (Layout, (list(self.rows), list(self.cols)))
+
     def pointers(self, tensors: Sequence[Tensor | None]) -> ctypes.Array[ctypes.c_void_p]:
         return self._pointers(*[None if t is None else t.data_ptr() for t in tensors])
 
@@ -179,7 +192,8 @@ def forward(
     """``(each layer's quantized weight, the per-channel table, the bits-per-weight term)`` in one call: the
     quantized weights are new tensors shaped like the weights, the table is ``(TABLE_ROWS, C)`` (see
     :data:`TABLE_ROWS`; :func:`backward` takes it), the term ``sum(max(b, 0) * keep * share)`` a 0-dim tensor.
-    Every tensor must be :func:`usable`; ``keep`` and ``share`` are ``(C,)``."""
+    Every tensor must be :func:`usable`; ``keep`` and ``share`` are ``(C,)``. One thread: splitting large layers
+    over two threads measured no faster on a 2-core machine (the arithmetic is one pass over memory)."""
     layout.check(weights)
     layout.check(bits, per_channel=True)
     layout.check(exponents, per_channel=True)

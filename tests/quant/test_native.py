@@ -4,6 +4,7 @@ torch path wherever it cannot run."""
 from __future__ import annotations
 
 import copy
+import pickle
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from lightning_sgsc import SafetyGuidedQuantization
+from lightning_sgsc.errors import SGSCValueError
 from lightning_sgsc.quant import native
 from lightning_sgsc.quant.functional import _quantize_backward, _quantize_forward, _Steps
 from lightning_sgsc.quant.fused import FusedQuantizer
@@ -57,6 +59,19 @@ def test_the_switch_turns_it_off(fresh, monkeypatch):
     assert native.library() is None
     assert native.status() == f"off ({native.ENV_SWITCH}=0)"
     assert not fresh.exists()  # nothing compiled
+
+
+def test_a_switch_value_that_means_nothing_is_refused(fresh, monkeypatch):
+    monkeypatch.setenv(native.ENV_SWITCH, "maybe")
+    with pytest.raises(SGSCValueError, match=r"`\$LIGHTNING_SGSC_NATIVE` must be one of 1/0, on/off.*got 'maybe'"):
+        native.library()
+    monkeypatch.setenv(native.ENV_SWITCH, "On")  # any case
+    assert not native.status().startswith("off")
+
+
+def test_a_pickled_layout_comes_back_with_its_sizes():
+    layout = pickle.loads(pickle.dumps(native.Layout([2, 3], [4, 5])))
+    assert list(layout.rows) == [2, 3] and list(layout.cols) == [4, 5] and layout.numel == (8, 15)
 
 
 def test_without_a_compiler_the_torch_path_runs_and_says_why(fresh, monkeypatch):
