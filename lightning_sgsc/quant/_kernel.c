@@ -45,8 +45,11 @@ __attribute__((noinline)) static float channel_table(int64_t n, const int64_t *r
             const float b = bits[m][r], e = exponent[m][r];
             const float effective = (b < 0.0f ? 0.0f : b) * keep[c];
             const float row[6] = {e, e, effective, effective, e, e + effective};
+            float arg_last = 0.0f, p = 0.0f;
             for (int i = 0; i < 6; i++) {
-                const float p = (float)exp2((double)(arg_offset[i] + row[i] * arg_sign[i]));
+                const float arg = arg_offset[i] + row[i] * arg_sign[i];
+                if (i == 0 || arg != arg_last) p = (float)exp2((double)arg); /* the two bound rows share theirs */
+                arg_last = arg;
                 table[i * C + c] = offset[i] + p * sign[i];
             }
             table[EFFECTIVE * C + c] = effective;
@@ -77,6 +80,48 @@ SGSC_CLONES void sgsc_forward(int64_t n, const int64_t *rows, const int64_t *col
     }
 }
 
+/* One channel of the backward: the weight gradients (when write_gw) and the two sums of g * side and
+ * g * residual. The sums run as LANES interleaved partial sums added pairwise at the end (a fixed order, so the
+ * same result on every run) and the loop vectorises; one running sum would chain every addition on the last. */
+#define LANES 8
+static inline void row_backward(const float *wr, const float *gr, float *gwr, const int write_gw, const int64_t f,
+                                const float is, const float l, const float h, float *sum_b, float *sum_e) {
+    float acc_b[LANES] = {0.0f}, acc_e[LANES] = {0.0f};
+    int64_t k = 0;
+    for (; k + LANES <= f; k += LANES) {
+        for (int i = 0; i < LANES; i++) {
+            const float gk = gr[k + i];
+            const float x = wr[k + i] * is;
+            const float clamped = clamp_(x, l, h);
+            const float d = x - clamped;
+            const float side = (float)(d > 0.0f) - (float)(d < 0.0f);
+            const float outside = side * side;
+            acc_b[i] += gk * side;
+            acc_e[i] += gk * ((rintf(clamped) - clamped) + outside * clamped);
+            if (write_gw) gwr[k + i] = gk + (-gk) * outside;
+        }
+    }
+    for (int i = 0; k < f; k++, i++) { /* the tail, into the first lanes */
+        const float gk = gr[k];
+        const float x = wr[k] * is;
+        const float clamped = clamp_(x, l, h);
+        const float d = x - clamped;
+        const float side = (float)(d > 0.0f) - (float)(d < 0.0f);
+        const float outside = side * side;
+        acc_b[i] += gk * side;
+        acc_e[i] += gk * ((rintf(clamped) - clamped) + outside * clamped);
+        if (write_gw) gwr[k] = gk + (-gk) * outside;
+    }
+    for (int width = LANES / 2; width > 0; width /= 2) {
+        for (int i = 0; i < width; i++) {
+            acc_b[i] += acc_b[i + width];
+            acc_e[i] += acc_e[i + width];
+        }
+    }
+    *sum_b = acc_b[0];
+    *sum_e = acc_e[0];
+}
+
 /* STE gradients for the upstream gradients g: gw (NULL for a layer whose weight needs none) and, per channel,
  *   gb = (sum(g * side) * b_factor + share * grad_bpw) * sign(effective),  ge = sum(g * residual) * e_factor
  * with side = sign(x - clamp(x)) and residual = round(clamp(x)) - clamp(x) + |side| * clamp(x), as
@@ -94,17 +139,11 @@ SGSC_CLONES void sgsc_backward(int64_t n, const int64_t *rows, const int64_t *co
             const float is = inv_scale[c], l = lo[c], h = hi[c];
             const float *wr = w[m] + r * f, *gr = g[m] + r * f;
             float *gwr = gw[m] ? gw[m] + r * f : NULL;
-            float sum_b = 0.0f, sum_e = 0.0f;
-            for (int64_t k = 0; k < f; k++) {
-                const float x = wr[k] * is;
-                const float clamped = clamp_(x, l, h);
-                const float d = x - clamped;
-                const float side = (float)(d > 0.0f) - (float)(d < 0.0f);
-                const float outside = side * side;
-                sum_b += gr[k] * side;
-                sum_e += gr[k] * ((rintf(clamped) - clamped) + outside * clamped);
-                if (gwr) gwr[k] = gr[k] + (-gr[k]) * outside;
-            }
+            float sum_b, sum_e;
+            if (gwr)
+                row_backward(wr, gr, gwr, 1, f, is, l, h, &sum_b, &sum_e);
+            else
+                row_backward(wr, gr, NULL, 0, f, is, l, h, &sum_b, &sum_e);
             const float e = effective[c];
             gb[c] = (sum_b * b_factor[c] + share[c] * grad_bpw) * ((float)(e > 0.0f) - (float)(e < 0.0f));
             ge[c] = sum_e * e_factor[c];
