@@ -213,6 +213,28 @@ def test_the_fused_quantizer_gives_the_same_results_on_either_path(fresh, monkey
 
 
 @needs_cc
+def test_switched_off_between_forward_and_backward_the_torch_path_finishes_the_step(fresh, monkeypatch):
+    torch.manual_seed(3)
+    model = TinyConvNet()
+    quantize_(model, init_bits=4)
+    twin = copy.deepcopy(model)
+    torch.manual_seed(4)
+    _, expected = _run_fused(twin, upstream_t=False)  # on the kernel throughout
+    fq = FusedQuantizer([m for _, m in quantized_layers(model)])
+    bpw, q = fq.quantize_all()  # forward on the kernel
+    monkeypatch.setattr(native, "enabled", False)
+    backward = native.backward
+    monkeypatch.setattr(native, "backward", lambda *a: pytest.fail("the kernel ran after it was switched off"))
+    torch.manual_seed(4)
+    upstream = [torch.randn_like(t) for t in q]
+    torch.autograd.backward([bpw, *q], [torch.tensor(0.5), *upstream])
+    got = [p.grad for p in model.parameters() if p.grad is not None]
+    assert backward is not native.backward and len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@needs_cc
 def test_a_weight_the_kernel_cannot_take_sends_the_step_down_the_torch_path(fresh, monkeypatch):
     model = TinyConvNet()
     quantize_(model, init_bits=4)
