@@ -80,38 +80,34 @@ SGSC_CLONES void sgsc_forward(int64_t n, const int64_t *rows, const int64_t *col
     }
 }
 
+#define LANES 8
+
+/* Weight k of a channel: adds g * side and g * residual to the sums, writes gw[k] when write_gw (gw is not read or
+ * offset otherwise: it may be NULL). */
+static inline void element(const float w, const float g, float *gw, const int64_t k, const int write_gw,
+                           const float is, const float l, const float h, float *sum_b, float *sum_e) {
+    const float x = w * is;
+    const float clamped = clamp_(x, l, h);
+    const float d = x - clamped;
+    const float side = (float)(d > 0.0f) - (float)(d < 0.0f);
+    const float outside = side * side;
+    *sum_b += g * side;
+    *sum_e += g * ((rintf(clamped) - clamped) + outside * clamped);
+    if (write_gw) gw[k] = g + (-g) * outside;
+}
+
 /* One channel of the backward: the weight gradients (when write_gw) and the two sums of g * side and
  * g * residual. The sums run as LANES interleaved partial sums added pairwise at the end (a fixed order, so the
  * same result on every run) and the loop vectorises; one running sum would chain every addition on the last. */
-#define LANES 8
 static inline void row_backward(const float *wr, const float *gr, float *gwr, const int write_gw, const int64_t f,
                                 const float is, const float l, const float h, float *sum_b, float *sum_e) {
     float acc_b[LANES] = {0.0f}, acc_e[LANES] = {0.0f};
     int64_t k = 0;
-    for (; k + LANES <= f; k += LANES) {
-        for (int i = 0; i < LANES; i++) {
-            const float gk = gr[k + i];
-            const float x = wr[k + i] * is;
-            const float clamped = clamp_(x, l, h);
-            const float d = x - clamped;
-            const float side = (float)(d > 0.0f) - (float)(d < 0.0f);
-            const float outside = side * side;
-            acc_b[i] += gk * side;
-            acc_e[i] += gk * ((rintf(clamped) - clamped) + outside * clamped);
-            if (write_gw) gwr[k + i] = gk + (-gk) * outside;
-        }
-    }
-    for (int i = 0; k < f; k++, i++) { /* the tail, into the first lanes */
-        const float gk = gr[k];
-        const float x = wr[k] * is;
-        const float clamped = clamp_(x, l, h);
-        const float d = x - clamped;
-        const float side = (float)(d > 0.0f) - (float)(d < 0.0f);
-        const float outside = side * side;
-        acc_b[i] += gk * side;
-        acc_e[i] += gk * ((rintf(clamped) - clamped) + outside * clamped);
-        if (write_gw) gwr[k] = gk + (-gk) * outside;
-    }
+    for (; k + LANES <= f; k += LANES)
+        for (int i = 0; i < LANES; i++)
+            element(wr[k + i], gr[k + i], gwr, k + i, write_gw, is, l, h, &acc_b[i], &acc_e[i]);
+    for (int i = 0; k < f; k++, i++) /* the tail, into the first lanes */
+        element(wr[k], gr[k], gwr, k, write_gw, is, l, h, &acc_b[i], &acc_e[i]);
     for (int width = LANES / 2; width > 0; width /= 2) {
         for (int i = 0; i < width; i++) {
             acc_b[i] += acc_b[i + width];
