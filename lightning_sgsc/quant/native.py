@@ -63,8 +63,11 @@ def _cache_dir() -> Path:
 
 
 def _compiler() -> str | None:
-    cc = os.environ.get("CC", "cc")
-    return shutil.which(cc) or shutil.which("gcc")
+    """``$CC`` where it is set (``None`` if it names nothing on the PATH), else ``cc``, else ``gcc``."""
+    chosen = os.environ.get("CC")
+    if chosen:
+        return shutil.which(chosen)
+    return shutil.which("cc") or shutil.which("gcc")
 
 
 def _build() -> ctypes.CDLL:
@@ -74,7 +77,10 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError(f"no native build on {sys.platform}")
     cc = _compiler()
     if cc is None:
-        raise RuntimeError("no C compiler found (set $CC)")
+        chosen = os.environ.get("CC")
+        raise RuntimeError(
+            f"$CC={chosen!r} is not a program on the PATH" if chosen else "no C compiler found (set $CC)"
+        )
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     source = SOURCE.read_bytes()
     key = hashlib.sha256(

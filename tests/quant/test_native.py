@@ -74,6 +74,12 @@ def test_a_pickled_layout_comes_back_with_its_sizes():
     assert list(layout.rows) == [2, 3] and list(layout.cols) == [4, 5] and layout.numel == (8, 15)
 
 
+def test_a_cc_that_names_nothing_is_reported_not_replaced(fresh, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    assert native.library() is None
+    assert native.status() == "unavailable ($CC='no-such-compiler-here' is not a program on the PATH)"
+
+
 def test_without_a_compiler_the_torch_path_runs_and_says_why(fresh, monkeypatch):
     monkeypatch.setattr(native, "_compiler", lambda: None)
     assert native.library() is None
