@@ -28,15 +28,17 @@ static inline float clamp_(float x, float lo, float hi) {
 }
 
 /* Rows of the per-channel table written by sgsc_forward and read by sgsc_backward (C floats each). */
-enum { SCALE, INV_SCALE, LO, HI, E_FACTOR, B_FACTOR, EFFECTIVE, ROWS };
+enum { SCALE, INV_SCALE, LO, HI, E_FACTOR, B_FACTOR, EFFECTIVE }; /* 7 rows: native.TABLE_ROWS */
 
 /* The per-channel table as functional._Steps.of computes it, from bits b and exponents e (one pointer per layer):
  * effective = max(b, 0) * keep, rows (e, e, eff, eff, e, e + eff), arg = arg_offset + row * arg_sign,
  * p = (float)exp2((double)arg), value = offset + p * sign; consts holds arg_offset, arg_sign, offset and sign (6
  * floats each, the float32 values of _constants). Returns sum(effective * share), the bits-per-weight term. Not
  * vectorised on purpose: exp2 stays glibc's double exp2 (what torch's scalar kernel calls). */
-__attribute__((noinline)) static float channel_table(int64_t n, const int64_t *rows, const float *const *bits, const float *const *exponent,
-                           const float *keep, const float *share, const float *consts, float *table, int64_t C) {
+__attribute__((noinline)) static float channel_table(int64_t n, const int64_t *rows, const float *const *bits,
+                                                     const float *const *exponent, const float *keep,
+                                                     const float *share, const float *consts, float *table,
+                                                     int64_t C) {
     const float *arg_offset = consts, *arg_sign = consts + 6, *offset = consts + 12, *sign = consts + 18;
     float bpw = 0.0f;
     int64_t c = 0;

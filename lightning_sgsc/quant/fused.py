@@ -262,18 +262,15 @@ class _FusedQuantize(torch.autograd.Function):
                 grad_b.append(gb)
             if ge is not None:
                 grad_e.append(ge)
-        per_layer_b: Sequence[Tensor | None] = [None] * n
-        per_layer_e: Sequence[Tensor | None] = [None] * n
+        b = e = None
         if need_b:
             b = torch.cat(grad_b) if len(grad_b) > 1 else grad_b[0]
             # d max(b, 0) / db is 1 where b > 0 (as clamp_min's gradient), never for pruned channels
             b = b.addcmul_(plan.share, grad_bpw).mul_(effective.sign())
-            per_layer_b = b.split_with_sizes(plan.channels) if n > 1 else (b,)
         if need_e:
             e = torch.cat(grad_e) if len(grad_e) > 1 else grad_e[0]
-            per_layer_e = e.split_with_sizes(plan.channels) if n > 1 else (e,)
         grad_w = [g if need else None for g, need in zip(grad_w, needs_w, strict=True)]
-        return (None, *per_layer_b, *per_layer_e, *grad_w)
+        return (None, *_per_layer(plan, b), *_per_layer(plan, e), *grad_w)
 
     @staticmethod
     def _native_backward(
@@ -291,13 +288,15 @@ class _FusedQuantize(torch.autograd.Function):
         grads = [g if g.dtype is f32 and g.is_contiguous() else g.float().contiguous() for g in grads]
         needs_w = needs_input[1 + 2 * n :]
         grad_w, b, e = native.backward(lib, plan.layout, weights, grads, needs_w, table, plan.share, float(grad_bpw))
-        per_layer_b: Sequence[Tensor | None] = [None] * n
-        per_layer_e: Sequence[Tensor | None] = [None] * n
-        if any(needs_input[1 : 1 + n]):
-            per_layer_b = b.split_with_sizes(plan.channels) if n > 1 else (b,)
-        if any(needs_input[1 + n : 1 + 2 * n]):
-            per_layer_e = e.split_with_sizes(plan.channels) if n > 1 else (e,)
-        return (None, *per_layer_b, *per_layer_e, *grad_w)
+        need_b, need_e = any(needs_input[1 : 1 + n]), any(needs_input[1 + n : 1 + 2 * n])
+        return (None, *_per_layer(plan, b if need_b else None), *_per_layer(plan, e if need_e else None), *grad_w)
+
+
+def _per_layer(plan: _Plan, flat: Tensor | None) -> Sequence[Tensor | None]:
+    """A flat ``(C,)`` gradient as one view per layer (``None`` for each layer when there is none)."""
+    if flat is None:
+        return [None] * plan.n
+    return flat.split_with_sizes(plan.channels) if plan.n > 1 else (flat,)
 
 
 class FusedQuantizer:
