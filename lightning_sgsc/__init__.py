@@ -1,31 +1,64 @@
 """lightning-sgsc: safety-guided self-compression for PyTorch Lightning.
 
-The public API is small: the callback, the mixin, the in-place swap and its twins, and the size report.
+The public API is small: the callback, the mixin, the in-place swap and its twins, the size report, and the
+compressed artifact. Names are imported on first use (PEP 562), so ``import lightning_sgsc.export`` reads and
+writes artifacts with torch alone, without importing Lightning.
 """
 
-from lightning_sgsc.callback import SafetyGuidedQuantization
-from lightning_sgsc.errors import AlreadyQuantizedError, SGSCError, SGSCRuntimeError, SGSCTypeError, SGSCValueError
-from lightning_sgsc.mixin import SafetyGuidedMixin
-from lightning_sgsc.quant import QuantConv1d, QuantConv2d, QuantizedLayer, QuantLinear, dequantize_, quantize_
-from lightning_sgsc.size import ModelSize, model_size
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "AlreadyQuantizedError",
-    "ModelSize",
-    "QuantConv1d",
-    "QuantConv2d",
-    "QuantLinear",
-    "QuantizedLayer",
-    "SGSCError",
-    "SGSCRuntimeError",
-    "SGSCTypeError",
-    "SGSCValueError",
-    "SafetyGuidedMixin",
-    "SafetyGuidedQuantization",
-    "__version__",
-    "dequantize_",
-    "model_size",
-    "quantize_",
-]
+__version__ = "0.2.0"
+
+_EXPORTS: dict[str, str] = {
+    "SafetyGuidedQuantization": "lightning_sgsc.callback",
+    "SafetyGuidedMixin": "lightning_sgsc.mixin",
+    "AlreadyQuantizedError": "lightning_sgsc.errors",
+    "SGSCError": "lightning_sgsc.errors",
+    "SGSCRuntimeError": "lightning_sgsc.errors",
+    "SGSCTypeError": "lightning_sgsc.errors",
+    "SGSCValueError": "lightning_sgsc.errors",
+    "QuantConv1d": "lightning_sgsc.quant",
+    "QuantConv2d": "lightning_sgsc.quant",
+    "QuantLinear": "lightning_sgsc.quant",
+    "QuantizedLayer": "lightning_sgsc.quant",
+    "dequantize_": "lightning_sgsc.quant",
+    "quantize_": "lightning_sgsc.quant",
+    "ModelSize": "lightning_sgsc.size",
+    "model_size": "lightning_sgsc.size",
+    "export_compressed": "lightning_sgsc.export",
+    "load_compressed": "lightning_sgsc.export",
+    "prune_zero_channels": "lightning_sgsc.prune",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from lightning_sgsc.callback import SafetyGuidedQuantization
+    from lightning_sgsc.errors import (
+        AlreadyQuantizedError,
+        SGSCError,
+        SGSCRuntimeError,
+        SGSCTypeError,
+        SGSCValueError,
+    )
+    from lightning_sgsc.export import export_compressed, load_compressed
+    from lightning_sgsc.mixin import SafetyGuidedMixin
+    from lightning_sgsc.prune import prune_zero_channels
+    from lightning_sgsc.quant import QuantConv1d, QuantConv2d, QuantizedLayer, QuantLinear, dequantize_, quantize_
+    from lightning_sgsc.size import ModelSize, model_size
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_sgsc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

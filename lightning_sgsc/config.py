@@ -112,12 +112,20 @@ class LossWeights:
                 _number(arg, value, 0.0)
 
     def at(self, epoch: int) -> dict[str, float]:
-        """The three weights at ``epoch`` (schedules evaluated), keyed like the loss terms."""
-        return {
-            "l1": resolve_schedule("l1_weight", self.l1_weight, epoch, 0.0),
-            "bits": resolve_schedule("bit_weight", self.bit_weight, epoch, 0.0),
-            "preservation": resolve_schedule("preservation_weight", self.preservation_weight, epoch, 0.0),
-        }
+        """The three weights at ``epoch`` (schedules evaluated and checked), keyed like the loss terms. Evaluated once
+        per epoch and per change of the weights: this runs on every training step."""
+        key = (epoch, self.l1_weight, self.bit_weight, self.preservation_weight)
+        cached = self.__dict__.get("_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_cache"] = (
+                key,
+                {
+                    "l1": resolve_schedule("l1_weight", self.l1_weight, epoch, 0.0),
+                    "bits": resolve_schedule("bit_weight", self.bit_weight, epoch, 0.0),
+                    "preservation": resolve_schedule("preservation_weight", self.preservation_weight, epoch, 0.0),
+                },
+            )
+        return cached[1]
 
 
 @dataclass

@@ -27,7 +27,9 @@ from typing import Any
 DEMO_SETTINGS: dict[str, Any] = dict(init_bits=8, init_headroom=0, bit_weight=0.5, quantizer_lr=0.01, threshold=0.005)
 
 
-def _train(compress: bool, epochs: int, seed: int, lr: float, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_one(
+    compress: bool, epochs: int, seed: int, lr: float, settings: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """One fit of the demo, float or compressed (with ``settings``, default :data:`DEMO_SETTINGS`)."""
     import lightning.pytorch as pl
     import torch
@@ -75,8 +77,8 @@ def _train(compress: bool, epochs: int, seed: int, lr: float, settings: dict[str
 
 def run(epochs: int = 40, seed: int = 0, lr: float = 3e-3) -> dict[str, Any]:
     """Trains both models and returns the figures (see the module docstring for the keys)."""
-    plain = _train(False, epochs, seed, lr)
-    small = _train(True, epochs, seed, lr)
+    plain = train_one(False, epochs, seed, lr)
+    small = train_one(True, epochs, seed, lr)
     return {
         "float_acc": plain["acc"],
         "compressed_acc": small["acc"],

@@ -13,7 +13,7 @@ At each check the preservation metric is compared with a reference (the best val
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -102,6 +102,15 @@ class Event:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def metrics(self) -> dict[str, float]:
+        """What the callback logs of this check (under ``sgsc/``)."""
+        return {
+            "preservation_metric": self.metric,
+            "restored_channels": self.restored,
+            "pruned_channels": self.pruned,
+            "kept_alive_channels": self.kept_alive,
+        }
+
 
 # ---------------------------------------------------------------------------------------------------------- channels
 
@@ -183,8 +192,17 @@ def probe_weight_grads(model: nn.Module) -> Iterator[dict[str, Tensor]]:
             grads[name] = g if g is not None else torch.zeros_like(probes[name])
 
 
-def taylor_restore_scores(model: nn.Module, grads: dict[str, Tensor], bits: float) -> dict[str, Tensor]:
-    """``|sum_i g_ci * w_ci|`` per channel: first-order change of the loss if channel c came back at ``bits``."""
+def taylor_restore_scores(
+    model: nn.Module, batches: Iterable[Any], bits: float, loss: Callable[[Any], Tensor] | None = None
+) -> dict[str, Tensor]:
+    """``|sum_i g_ci * w_ci|`` per channel: first-order change of the loss summed over ``batches`` (``loss(batch)``,
+    default ``model.preservation_step``) if channel c came back at ``bits``; ``g`` is the loss's gradient at the
+    quantized weights (:func:`probe_weight_grads`)."""
+    loss_fn: Callable[[Any], Tensor] = loss if loss is not None else model.preservation_step  # type: ignore[assignment]
+    with torch.inference_mode(False), torch.enable_grad(), probe_weight_grads(model) as grads:
+        probes = [layer._weight_probe for _, layer in quantized_layers(model)]
+        for batch in batches:
+            loss_fn(batch).backward(inputs=probes)
     scores = {}
     for name, layer in quantized_layers(model):
         value = restore_candidates_value(layer, bits).float()

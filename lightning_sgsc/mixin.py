@@ -7,10 +7,17 @@
             x, y = batch
             return F.cross_entropy(self(x), y)
 
-The mixin wraps each ``training_step`` a subclass defines (``__init_subclass__``), so with the
-:class:`~lightning_sgsc.callback.SafetyGuidedQuantization` callback in the Trainer the optimised loss becomes
-``task + l1_weight * L1 + bit_weight * bits_per_weight + preservation_weight * preservation_loss``, each term logged
-on its own. Without the callback the mixin does nothing at all: the same class trains a float baseline.
+How it connects, explicitly:
+
+* The :class:`~lightning_sgsc.callback.SafetyGuidedQuantization` callback announces itself to the module in its
+  ``setup`` hook (:meth:`SafetyGuidedMixin.attach_compression`) and withdraws in ``teardown``; the mixin never
+  imports or searches for the callback.
+* The mixin wraps each ``training_step`` a subclass defines, once, when the class is created
+  (``__init_subclass__``). While a callback is attached, the wrapped step returns
+  ``task + l1_weight * L1 + bit_weight * bits_per_weight + preservation_weight * preservation_loss`` (each term
+  logged on its own); with none attached it returns the user's value untouched, so the same class trains a float
+  baseline. Set ``sgsc_auto_terms = False`` on the class to opt out of the wrapping and add
+  ``self.compression_loss()`` to your loss yourself.
 
 Manual optimisation: call ``self.compression_loss()`` and add it to your loss before ``manual_backward``; a step
 that forgets raises :class:`~lightning_sgsc.errors.SGSCRuntimeError`.
@@ -20,15 +27,23 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_sgsc.errors import SGSCRuntimeError, SGSCTypeError, describe_rule
 
-if TYPE_CHECKING:
-    from lightning_sgsc.callback import SafetyGuidedQuantization
+
+class CompressionHook(Protocol):
+    """What the mixin needs from the callback that attaches itself (:meth:`SafetyGuidedMixin.attach_compression`)."""
+
+    def training_step_context(self) -> AbstractContextManager[Any]:
+        """Entered around one automatic-optimisation ``training_step`` and its compression terms."""
+
+    def compression_terms(self, pl_module: Any, base: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(base + weighted terms, raw terms)`` for this step."""
 
 
 def _wrap_training_step(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -73,14 +88,20 @@ class SafetyGuidedMixin:
     """
 
     preservation_metric_mode: str = "max"
+    sgsc_auto_terms: bool = True
     _sgsc_depth: int = 0
     _sgsc_called: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         fn = cls.__dict__.get("training_step")
-        if fn is not None and not getattr(fn, "_sgsc_wrapped", False):
+        if fn is not None and cls.sgsc_auto_terms and not getattr(fn, "_sgsc_wrapped", False):
             cls.training_step = _wrap_training_step(fn)  # type: ignore[attr-defined]
+
+    def attach_compression(self, hook: CompressionHook | None) -> None:
+        """Called by the callback in ``setup`` (``None`` in ``teardown``): the compression terms come from
+        ``hook`` while it is attached."""
+        self.__dict__["_sgsc_hook"] = hook  # a plain attribute: not a submodule, not in the state dict
 
     # ---------------------------------------------------------------------------------------------- overridable
 
@@ -111,16 +132,8 @@ class SafetyGuidedMixin:
 
     # ----------------------------------------------------------------------------------------------- the terms
 
-    def _sgsc_callback(self) -> SafetyGuidedQuantization | None:
-        from lightning_sgsc.callback import SafetyGuidedQuantization
-
-        trainer = getattr(self, "_trainer", None)
-        if trainer is None:
-            return None
-        for cb in trainer.callbacks:
-            if isinstance(cb, SafetyGuidedQuantization):
-                return cb
-        return None
+    def _sgsc_callback(self) -> CompressionHook | None:
+        return self.__dict__.get("_sgsc_hook")
 
     def compression_loss(self) -> Tensor:
         """The weighted compression terms for this step (logged one by one). Call it yourself under manual
@@ -132,10 +145,10 @@ class SafetyGuidedMixin:
             )
         return self._sgsc_compression(callback, None, self._sgsc_log_now())
 
-    def _sgsc_compression(self, callback: SafetyGuidedQuantization, base: Tensor | None, log_now: bool) -> Tensor:
+    def _sgsc_compression(self, callback: CompressionHook, base: Tensor | None, log_now: bool) -> Tensor:
         """``base`` (or nothing) plus the weighted terms; logs each raw term when ``log_now``."""
         self.__dict__["_sgsc_called"] = True
-        total, terms = callback.compression_terms(self, base)  # type: ignore[arg-type]
+        total, terms = callback.compression_terms(self, base)
         if log_now:
             for key, value in terms.items():
                 name = "train/bits_per_weight" if key == "bits" else f"train/loss_{key}"
@@ -148,7 +161,7 @@ class SafetyGuidedMixin:
         trainer = self.trainer  # type: ignore[attr-defined]
         return self.global_step % max(trainer.log_every_n_steps, 1) == 0  # type: ignore[attr-defined]
 
-    def _sgsc_add_terms(self, out: Any, callback: SafetyGuidedQuantization) -> Any:
+    def _sgsc_add_terms(self, out: Any, callback: CompressionHook) -> Any:
         if out is None:
             return None
         task = out["loss"] if isinstance(out, dict) else out

@@ -130,6 +130,19 @@ def model_size(model: nn.Module) -> ModelSize:
     )
 
 
+def size_metrics(size: ModelSize) -> dict[str, float]:
+    """What the callback logs of a model's size (under ``sgsc/``), per layer too."""
+    out = {
+        "sgsc/bits_per_weight": size.bits_per_weight,
+        "sgsc/model_bytes": float(size.total_bytes),
+        "sgsc/compression_ratio": size.compression_ratio,
+        "sgsc/zero_bit_channels": float(size.zero_bit_channels),
+        "sgsc/pruned_total": float(size.pruned_channels),
+    }
+    out.update({f"sgsc/bits/{layer.name}": layer.mean_bits for layer in size.layers})
+    return out
+
+
 def float32_bytes(model: nn.Module) -> int:
     """Bytes of ``model`` with every parameter at float32 and buffers at their dtype (quantizer state excluded)."""
     params = sum(p.numel() for n, p in model.named_parameters() if n.rpartition(".")[2] not in _QUANTIZER_NAMES)

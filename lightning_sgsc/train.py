@@ -9,56 +9,66 @@ itself, ``<results_dir>/<run_name>.sgsc`` (reload it with :func:`lightning_sgsc.
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
+import inspect
 import json
 import platform
 import time
-from dataclasses import dataclass, field
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import hydra
 import lightning.pytorch as pl
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from lightning_sgsc.callback import SafetyGuidedQuantization
+
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+"""The configs ship inside the package (``conf/`` at the top of a checkout links here)."""
+
+_NOT_IN_YAML = ("preservation_data", "preservation_source")  # datasets: given in Python, not in a config
 
 
-@dataclass
-class SGSCSchema:
-    """Typed view of ``conf/sgsc``: the arguments of :class:`~lightning_sgsc.SafetyGuidedQuantization`."""
+def _yaml_type(hint: Any) -> Any:
+    """The type OmegaConf checks for a callback argument annotated ``hint`` (``X | None`` → ``Optional[X]``; a
+    schedule, ``float | Callable``, is a constant in a config; pass a function from Python)."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    inner = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+    origin = typing.get_origin(inner[0])
+    if float in inner:
+        base: Any = float
+    elif len(inner) == 1 and origin in (list, collections.abc.Sequence):
+        base = list[str]
+    elif len(inner) == 1 and origin is dict:
+        base = dict[str, float]
+    elif len(inner) == 1:
+        base = inner[0]
+    else:
+        raise TypeError(f"no config type for {hint!r}")
+    return Optional[base] if union and len(inner) < len(typing.get_args(hint)) else base  # noqa: UP045
 
-    _target_: str = "lightning_sgsc.SafetyGuidedQuantization"
-    enabled: bool = True
-    variant: str = "safe"
-    init_bits: float = 8.0
-    init_headroom: float | None = None
-    include: list[str] | None = None
-    exclude: list[str] | None = None
-    l1_weight: float = 0.0
-    bit_weight: float = 0.5
-    preservation_weight: float | None = None
-    quantizer_lr: float = 0.01
-    preservation_size: int = 256
-    preservation_batch_size: int | None = None
-    preservation_every_n_steps: int = 8
-    preservation_fractions: dict[str, float] = field(
-        default_factory=lambda: {"gradcam": 1 / 3, "uncertainty": 1 / 3, "kmeans": 1 / 3}
-    )
-    preservation_warmup_epochs: int = 1
-    preservation_pool: int | None = 10_000
-    balance_classes: bool = False
-    threshold: float = 0.005
-    restore_fraction: float = 0.25
-    restore_bits: float = 2.0
-    min_channels: int = 1
-    prune: bool = True
-    reference: str = "best"
-    seed: int = MISSING
-    max_history: int = 1000
 
+def _schema_from(cls: type) -> type:
+    """A dataclass with one field per argument of ``cls.__init__`` (same names, types and defaults), plus the app's
+    own ``_target_``, ``enabled`` and ``variant``: the callback's signature is the one source of truth."""
+    init = vars(cls)["__init__"]
+    hints = typing.get_type_hints(init)
+    fields: list[tuple[str, Any, Any]] = [("_target_", str, f"{cls.__module__.split('.')[0]}.{cls.__name__}")]
+    for name, param in inspect.signature(init).parameters.items():
+        if name != "self" and name not in _NOT_IN_YAML:  # every default is immutable (None, numbers, strings)
+            fields.append((name, _yaml_type(hints[name]), dataclasses.field(default=param.default)))
+    fields += [("enabled", bool, True), ("variant", str, "safe")]
+    return dataclasses.make_dataclass("SGSCSchema", fields)
+
+
+SGSCSchema = _schema_from(SafetyGuidedQuantization)
+"""Typed view of ``conf/sgsc``: the arguments of :class:`~lightning_sgsc.SafetyGuidedQuantization`."""
 
 ConfigStore.instance().store(group="sgsc", name="schema", node=SGSCSchema)
 
@@ -127,7 +137,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """``python -m lightning_sgsc.train ...``: runs :func:`train` and returns the metric to optimise."""
     result = train(cfg)

@@ -9,16 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from lightning_sgsc import SafetyGuidedQuantization
-from lightning_sgsc.quant import native
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments" / "bench"))
 
 import overhead  # noqa: E402
-import overhead_parts  # noqa: E402
 import peers  # noqa: E402
 import preservation_every  # noqa: E402
 
@@ -36,7 +33,6 @@ def test_overhead_prints_a_ratio_per_model_and_peak_memory_when_scaling():
     )  # fmt: skip
     summary = _last_json(out.stdout)
     assert set(summary["ratio"]) == {"char_transformer_l8"} and summary["preservation_batch_size"] is None
-    assert summary["quantizer_kernel"] == native.status()  # which path the quantizer took is part of the figures
     (deep,) = summary["results"]
     assert deep["preservation_batch_size"] == 16  # the callback's default follows the training batch of 16
     assert deep["params"] > 400_000  # 8 layers: twice the blocks of the 205,595-parameter default
@@ -64,93 +60,9 @@ def test_the_overhead_ratio_comes_with_a_bootstrap_interval_of_its_median():
 def test_rounds_alternate_the_order_of_the_sides():
     assert overhead.order(0) == ("float", "quantizer", "sgsc") == overhead.order(2)
     assert overhead.order(1) == ("sgsc", "quantizer", "float")
-    assert overhead.order(1, overhead_parts.VARIANTS) == overhead_parts.VARIANTS[::-1]  # the parts bench too
-
-
-def test_overhead_parts_no_math_copies_the_weights_and_the_real_quantizer_comes_back():
-    from lightning_sgsc.examples import DigitsCNN
-    from lightning_sgsc.quant import native, quantize_, quantized_layers
-    from lightning_sgsc.quant.fused import FusedQuantizer
-
-    net = DigitsCNN()
-    quantize_(net, init_bits=2)
-    layers = [m for _, m in quantized_layers(net)]
-    overhead_parts.use("no_math")
-    try:
-        assert not native.enabled  # the copies replace the torch path's arithmetic: the kernel must not run
-        _, copied = FusedQuantizer(layers).quantize_all()
-    finally:
-        overhead_parts.use("quantizer")
-    assert native.enabled
-    _, quantized = FusedQuantizer(layers).quantize_all()
-    assert all(torch.equal(q, m.weight) for q, m in zip(copied, layers, strict=True))
-    assert not any(torch.equal(q, m.weight) for q, m in zip(quantized, layers, strict=True))  # 2 bits: rounded
-
-
-def test_overhead_parts_freezes_only_bits_and_exponents():
-    from lightning_sgsc.examples import DigitsCNN
-    from lightning_sgsc.quant import quantize_
-
-    net = DigitsCNN()
-    quantize_(net, init_bits=8)
-    overhead_parts.FreezeQuantizerParameters().on_fit_start(None, net)  # type: ignore[arg-type]
-    frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
-    assert frozen == {n for n, _ in net.named_parameters() if n.endswith(("bits", "exponent"))} and frozen
-
-
-def test_flat_be_times_both_layouts_and_routes_every_gradient():
-    times = overhead_parts.flat_be([3, 2], n=10, repeats=1)
-    assert set(times) == {"adam_per_layer_us", "adam_flat_us", "grads_per_layer_us", "grads_flat_us"}
-    assert all(v > 0 for v in times.values())
-    leaves = [torch.nn.Parameter(torch.zeros(c)) for c in (3, 2, 3, 2)]  # b1, b2, e1, e2
-    overhead_parts._ToLeaves.apply([3, 2], *leaves).backward()
-    assert all(p.grad is not None and p.grad.shape == p.shape for p in leaves)
-
-
-def test_flat_be_times_the_b_e_group_inside_the_weights_optimizer():
-    times = overhead_parts.flat_be([3, 2], [(5, 4), (5,)], n=10, repeats=2)
-    assert {"step_weights_only_us", "step_per_layer_us", "step_flat_us"} <= set(times)
-    assert all(v > 0 for v in times.values())
-
-
-@pytest.mark.parametrize(("model", "layers"), [("digits_cnn", 3), ("char_transformer", 17)])
-def test_flat_be_takes_the_layer_sizes_of_the_model_given(monkeypatch, capsys, model, layers):
-    seen = []
-
-    def fake(sizes, shapes, n, repeats):
-        seen.append((sizes, shapes, n, repeats))
-        return {"adam_flat_us": 1.0}
-
-    monkeypatch.setattr(overhead_parts, "flat_be", fake)
-    monkeypatch.setattr(sys, "argv", ["overhead_parts.py", "--flat-be", "--model", model, "--rounds", "3"])
-    overhead_parts.main()
-    sizes, shapes, n, repeats = seen[0]
-    assert len(sizes) == layers and _last_json(capsys.readouterr().out)["sizes"] == sizes
-    assert (n, repeats) == (2000, 3)  # --steps left at its default, --rounds taken
-    # the weights and biases, not bits/exponents: one weight per quantized layer of the sizes given
-    assert sum(1 for s in shapes if len(s) >= 2) >= layers and all(s[0] > 0 for s in shapes)
-    if model == "digits_cnn":
-        assert sizes == [16, 32, 10]
-        assert sorted(shapes) == sorted([(16, 1, 3, 3), (16,), (32, 16, 3, 3), (32,), (10, 128), (10,)])
-
-
-def test_overhead_parts_refuses_a_count_below_one(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["overhead_parts.py", "--flat-be", "--steps", "0"])
-    with pytest.raises(SystemExit, match="--steps must be >= 1, got 0"):
-        overhead_parts.main()
 
 
 @pytest.mark.slow
-def test_overhead_parts_prints_every_variant():
-    out = subprocess.run(
-        [sys.executable, "experiments/bench/overhead_parts.py", "--steps", "5", "--rounds", "2"],
-        cwd=ROOT, check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    variants = _last_json(out.stdout)["variants"]
-    assert list(variants) == list(overhead_parts.VARIANTS) and variants["float"]["ratio"] == 1.0
-    assert all(v["ms"] > 0 for v in variants.values())
-
-
 def test_the_scaling_models_grow_as_named():
     sizes = {
         name: sum(p.numel() for p in overhead._setup(name, 8)[0].parameters()) for name in overhead.SCALING.split(",")
@@ -162,14 +74,14 @@ def test_the_scaling_models_grow_as_named():
 
 def test_overhead_sides_use_the_callback_defaults_unless_a_preservation_batch_is_given():
     assert overhead._callback("float") == []
-    assert overhead._callback("quantizer")[0].preservation_size == 0
-    default = SafetyGuidedQuantization().preservation_batch_size
-    assert overhead._callback("sgsc")[0].preservation_batch_size == default
-    assert overhead._callback("sgsc", 16)[0].preservation_batch_size == 16
-    default_every = SafetyGuidedQuantization().preservation_every_n_steps
-    assert overhead._callback("sgsc")[0].preservation_every_n_steps == default_every
+    assert overhead._callback("quantizer")[0].preservation.size == 0
+    default = SafetyGuidedQuantization().preservation.batch_size
+    assert overhead._callback("sgsc")[0].preservation.batch_size == default
+    assert overhead._callback("sgsc", 16)[0].preservation.batch_size == 16
+    default_every = SafetyGuidedQuantization().preservation.every_n_steps
+    assert overhead._callback("sgsc")[0].preservation.every_n_steps == default_every
     extra = overhead._callback("sgsc_every_16", 16)[0]
-    assert extra.preservation_every_n_steps == 16 and extra.preservation_batch_size == 16
+    assert extra.preservation.every_n_steps == 16 and extra.preservation.batch_size == 16
 
 
 def test_also_every_n_adds_a_side_timed_in_the_same_rounds_with_its_own_ratio():
@@ -437,10 +349,10 @@ def test_preservation_every_summary_means_and_per_seed_differences_against_the_f
 def test_peers_passes_extra_callback_arguments_to_ours_only():
     _, (callback,), _ = peers.build("sgsc_h3", 0.01, 0, {"preservation_every_n_steps": 16})
     assert (
-        callback.preservation_every_n_steps == 16 and callback.quant_config.init_headroom == 3
+        callback.preservation.every_n_steps == 16 and callback.quant_config.init_headroom == 3
     )  # the variant's own kept
     _, (plain,), _ = peers.build("sgsc_h3", 0.01, 0)
-    assert plain.preservation_every_n_steps == SafetyGuidedQuantization().preservation_every_n_steps
+    assert plain.preservation.every_n_steps == SafetyGuidedQuantization().preservation.every_n_steps
     with pytest.raises(ValueError, match=r"extra callback arguments \['preservation_every_n_steps'\] apply to ours"):
         peers.build("pruning", 0.5, 0, {"preservation_every_n_steps": 16})
 

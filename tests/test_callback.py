@@ -194,11 +194,11 @@ def test_callback_state_round_trips():
     cb = SafetyGuidedQuantization()
     cb.policy.reference = 0.8
     cb.history.append({"action": "prune", "epoch": 0})
-    cb._preservation_indices = [3, 1]
+    cb.preservation.indices = [3, 1]
     other = SafetyGuidedQuantization()
     other.load_state_dict(cb.state_dict())
     assert other.policy.reference == 0.8 and other.history == cb.history
-    assert other._preservation_indices == [3, 1]
+    assert other.preservation.indices == [3, 1]
 
 
 def test_fit_twice_reuses_the_swapped_model(tmp_path):
@@ -224,15 +224,17 @@ def test_checkpoint_resume_restores_quantizer_state(tmp_path):
     cb2 = SafetyGuidedQuantization(init_bits=6, bit_weight=0.5)
 
     class Check(Callback):
-        def on_fit_start(self, trainer, pl_module):
+        def on_train_start(self, trainer, pl_module):  # weights and callback state loaded, the set rebuilt
             self.bits = pl_module.net.head.bits.detach().clone()
+            self.history, self.reference = [dict(e) for e in cb2.history], cb2.policy.reference
+            self.indices, self.chosen_by = cb2.preservation_set.indices.tolist(), list(cb2.preservation_set.chosen_by)
 
     check = Check()
-    cpu_trainer(tmp_path, [cb2, check], max_epochs=1, limit_train_batches=0).fit(fresh, ckpt_path=ckpt)
+    cpu_trainer(tmp_path, [cb2, check], max_epochs=2, limit_train_batches=1).fit(fresh, ckpt_path=ckpt)
     assert torch.equal(check.bits, model.net.head.bits.detach())
-    assert cb2.history == cb.history and cb2.policy.reference == cb.policy.reference
-    assert cb2.preservation_set.indices.tolist() == cb.preservation_set.indices.tolist()  # same set, not re-scored
-    assert cb2.preservation_set.chosen_by == cb.preservation_set.chosen_by
+    assert check.history == cb.history and check.reference == cb.policy.reference
+    assert check.indices == cb.preservation_set.indices.tolist()  # same set, not re-scored
+    assert check.chosen_by == cb.preservation_set.chosen_by
 
 
 def test_mixin_without_callback_trains_a_plain_float_model(tmp_path):
@@ -312,7 +314,7 @@ def test_the_set_is_scored_from_a_named_source_after_warm_up(tmp_path):
     )
     trainer = cpu_trainer(tmp_path, [cb], max_epochs=2)
     trainer.fit(TinyClassifier())
-    assert len(cb.preservation_set) == 12 and max(cb._preservation_indices) < 40
+    assert len(cb.preservation_set) == 12 and max(cb.preservation.indices) < 40
     assert sorted(set(cb.preservation_set.chosen_by)) == ["kmeans", "uncertainty"]
     assert [e["epoch"] for e in cb.history] == [1]  # no set, no feedback during the warm-up epoch
     x, _ = cb.preservation_set.data
@@ -344,7 +346,7 @@ def test_preservation_every_n_steps(tmp_path):
     ],
 )
 def test_the_b_e_group_gets_a_batched_update_unless_the_user_chose_one(optimizer, kwargs, expected):
-    from lightning_sgsc.callback import _batched_update
+    from lightning_sgsc.optim import _batched_update
 
     group = {k: v for k, v in optimizer([torch.nn.Parameter(torch.zeros(2))], lr=0.1, **kwargs).defaults.items()}
     _batched_update(group, torch.device("cpu"))
@@ -377,7 +379,7 @@ def test_preservation_batches_follow_the_training_batch_up_to_32_unless_given(tm
     )
     cpu_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=3, limit_val_batches=0).fit(model)
     assert model.preservation_sizes == [expected] * 3
-    assert cb.effective_preservation_batch_size == expected
+    assert cb.preservation.effective_batch_size == expected
 
 
 def test_a_second_fit_reads_its_own_training_batch(tmp_path):
@@ -394,7 +396,7 @@ def test_the_loaders_batch_size_wins_over_a_smaller_first_batch():
     cb = SafetyGuidedQuantization()
     trainer = SimpleNamespace(train_dataloader=torch.utils.data.DataLoader(blob_data(30), batch_size=24))
     cb.on_train_batch_start(trainer, None, (torch.zeros(6, 1, 8, 8), torch.zeros(6)), 0)  # type: ignore[arg-type]
-    assert cb.effective_preservation_batch_size == 24
+    assert cb.preservation.effective_batch_size == 24
 
 
 def test_a_training_batch_without_a_size_falls_back_to_32_with_a_warning():
@@ -402,4 +404,4 @@ def test_a_training_batch_without_a_size_falls_back_to_32_with_a_warning():
     trainer = SimpleNamespace(train_dataloader=None)
     with pytest.warns(UserWarning, match=r"no batch size found in the training batch; preservation batches of 32"):
         cb.on_train_batch_start(trainer, None, {"text": ["a", "b"]}, 0)  # type: ignore[arg-type]
-    assert cb.effective_preservation_batch_size == 32
+    assert cb.preservation.effective_batch_size == 32

@@ -13,7 +13,6 @@ from lightning_sgsc.feedback import (
     apply_decision,
     enforce_min_channels,
     mask_pruned_grads_,
-    probe_weight_grads,
     prune_channels_,
     select_top,
     taylor_restore_scores,
@@ -117,9 +116,7 @@ def test_apply_decision_restores_the_channel_that_matters_most_to_the_preservati
     _zero_bits(net, head, [0, 1])
 
     def scores():
-        with probe_weight_grads(net) as grads:
-            nn.functional.cross_entropy(net(x), y).backward()
-        return taylor_restore_scores(net, grads, bits=2)
+        return taylor_restore_scores(net, [(x, y)], bits=2, loss=lambda b: nn.functional.cross_entropy(net(b[0]), b[1]))
 
     decision = Decision(Action.RESTORE, metric=0.5, reference=0.9, degradation=0.4)
     event = apply_decision(net, decision, FeedbackConfig(restore_fraction=0.5, restore_bits=3), scores)

@@ -26,8 +26,7 @@ fits), and the median keeps one such fit from moving the figure; ``ratio_rounds`
 median over the rounds (a target inside it is within the machine's noise). ``--scaling`` adds the peak memory of
 one fit of each side, measured in a fresh child process after a 3-step warm-up fit (which scores the preservation
 set once): the growth of the peak resident set over the measured fit on CPU, of torch's peak allocation on GPU.
-The last line is one JSON object with a ``ratio`` per model (and ``quantizer_kernel``: ``native`` where the
-fused quantizer's native CPU kernel ran, else why not).
+The last line is one JSON object with a ``ratio`` per model.
 """
 
 from __future__ import annotations
@@ -53,7 +52,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_sgsc import SafetyGuidedQuantization
 from lightning_sgsc.examples import CharTransformer, ClassifierModule, DigitsCNN, FashionCNN, LanguageModule
 from lightning_sgsc.examples.training import quiet_trainer
-from lightning_sgsc.quant import native
 
 SCALING = "fashion_cnn,fashion_cnn_w2,fashion_cnn_w4,char_transformer,char_transformer_l8"
 SIDES = ("float", "quantizer", "sgsc")
@@ -159,7 +157,7 @@ def measure(
             per_round[side].append(statistics.mean(times))
             steps_all[side] += times
             if side == "sgsc":
-                batch = callbacks[0].effective_preservation_batch_size
+                batch = callbacks[0].preservation.effective_batch_size
     ms = {side: 1e3 * statistics.mean(steps_all[side]) for side in sides}
     return {
         "model": name,
@@ -293,7 +291,6 @@ def main() -> None:
     summary = {"device": device, "threads": torch.get_num_threads(), "steps": args.steps, "rounds": args.rounds}
     summary["preservation_batch_size"] = args.preservation_batch_size  # None: the callback's default, per model
     summary["also_every_n"] = args.also_every_n
-    summary["quantizer_kernel"] = native.status() if args.accelerator == "cpu" else "torch"
     print(json.dumps({**summary, "ratio": {r["model"]: r["ratio"] for r in results}, "results": results}))
 
 

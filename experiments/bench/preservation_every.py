@@ -64,9 +64,9 @@ def parse_ints(flag: str, text: str, least: int) -> list[int]:
 def demo_runs(every: list[int], seeds: list[int], epochs: int = 40) -> list[dict[str, Any]]:
     runs = []
     for seed in seeds:
-        plain = demo._train(False, epochs, seed, 3e-3)
+        plain = demo.train_one(False, epochs, seed, 3e-3)
         for n in every:
-            small = demo._train(True, epochs, seed, 3e-3, {**demo.DEMO_SETTINGS, "preservation_every_n_steps": n})
+            small = demo.train_one(True, epochs, seed, 3e-3, {**demo.DEMO_SETTINGS, "preservation_every_n_steps": n})
             run = {"every": n, "seed": seed, "acc": round(small["acc"], 4), "float_acc": round(plain["acc"], 4)}
             run |= {"bytes": small["bytes"], "bits_per_weight": round(small["bits_per_weight"], 3)}
             print(json.dumps({"demo": run}), flush=True)

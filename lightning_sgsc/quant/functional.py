@@ -96,12 +96,6 @@ class _Steps(NamedTuple):
         _, _, _, _, e_factor, b_factor = steps.unbind()
         return _Steps(scale, inv_scale, lo, hi, e_factor, b_factor)
 
-    @staticmethod
-    def of_table(table: Tensor) -> _Steps:
-        """From the first six rows of a ``(rows, C)`` table in this class's field order (the native kernel's)."""
-        scale, inv_scale, lo, hi = table[:4].view(4, -1, 1).unbind()
-        return _Steps(scale, inv_scale, lo, hi, table[4], table[5])
-
     def rows(self, start: int, stop: int) -> _Steps:
         """Channels ``[start, stop)``."""
         return _Steps(*[v[start:stop] for v in self])

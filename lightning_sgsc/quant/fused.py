@@ -16,12 +16,9 @@ Inside :meth:`FusedQuantizer.step` every layer's ``quantized_weight()`` returns 
 task forward and the preservation forward alike; the gradients of both reach ``w``, ``b`` and ``e`` through the
 same node.
 
-On the CPU (float32 contiguous weights) the arithmetic of each direction is one call of a small native kernel over
-every layer's weights in place (:mod:`.native`: no stacking, no per-operation dispatch); where the kernel cannot be
-built or used, the torch path above runs.
-
-The arithmetic is the per-layer quantizer's, element for element: the quantized weights are bit-identical on
-either path; the per-channel gradient sums may differ in the last bits (other summation order)."""
+The arithmetic is the per-layer quantizer's, element for element: the quantized weights and weight gradients are
+bit-identical to it; the per-channel ``b``/``e`` gradient sums may differ in the last bits (other summation order).
+Plain torch throughout: the same seed and threads give the same numbers wherever the package is installed."""
 
 from __future__ import annotations
 
@@ -34,7 +31,6 @@ import torch
 from torch import Tensor
 
 from lightning_sgsc.losses import bits_per_weight
-from lightning_sgsc.quant import native
 from lightning_sgsc.quant.functional import _quantize_backward, _quantize_forward, _Steps
 from lightning_sgsc.quant.modules import QuantizedLayer
 
@@ -184,7 +180,6 @@ class _Plan:
     keep: Tensor
     pruned: tuple[Tensor, ...]  # the masks ``keep`` was made from, with their versions below
     versions: tuple[int, ...]
-    layout: native.Layout  # the layers' rows and columns for the native kernel
 
     @property
     def n(self) -> int:
@@ -211,14 +206,6 @@ class _FusedQuantize(torch.autograd.Function):
         n = plan.n
         weights = tensors[2 * n :]
         ctx.plan = plan
-        lib = native.library() if tensors[0].is_cpu else None
-        ctx.native = lib is not None and native.usable(tensors)
-        if lib is not None and ctx.native:  # one call for every layer: the same numbers as the torch path below
-            out, table, bpw = native.forward(
-                lib, plan.layout, tensors[:n], tensors[n : 2 * n], plan.keep, plan.share, weights
-            )
-            ctx.save_for_backward(table, *weights)
-            return (bpw, *out)
         bits = (torch.cat(tensors[:n]) if n > 1 else tensors[0]).float()
         exponent = (torch.cat(tensors[n : 2 * n]) if n > 1 else tensors[n]).float()
         effective = torch.relu(bits).mul_(plan.keep)  # max(b, 0), and 0 for pruned channels
@@ -237,15 +224,8 @@ class _FusedQuantize(torch.autograd.Function):
         plan: _Plan = ctx.plan
         n = plan.n
         needs_input = ctx.needs_input_grad
-        if ctx.native:
-            table, *weights = ctx.saved_tensors
-            lib = native.library()
-            if lib is not None:
-                return _FusedQuantize._native_backward(lib, plan, table, weights, grad_bpw, grads, needs_input)
-            effective, steps, stamp = table[native.TABLE_ROWS - 1], _Steps.of_table(table), None  # switched off since
-        else:
-            effective, *saved = ctx.saved_tensors
-            steps, weights, stamp = _Steps(*saved[:6]), saved[6:], ctx.stamp
+        effective, *saved = ctx.saved_tensors
+        steps, weights, stamp = _Steps(*saved[:6]), saved[6:], ctx.stamp
         need_b, need_e = any(needs_input[1 : 1 + n]), any(needs_input[1 + n : 1 + 2 * n])
         needs_w = needs_input[1 + 2 * n :]
         grad_w: list[Tensor | None] = [None] * n
@@ -271,25 +251,6 @@ class _FusedQuantize(torch.autograd.Function):
             e = torch.cat(grad_e) if len(grad_e) > 1 else grad_e[0]
         grad_w = [g if need else None for g, need in zip(grad_w, needs_w, strict=True)]
         return (None, *_per_layer(plan, b), *_per_layer(plan, e), *grad_w)
-
-    @staticmethod
-    def _native_backward(
-        lib: Any,
-        plan: _Plan,
-        table: Tensor,
-        weights: Sequence[Tensor],
-        grad_bpw: Tensor,
-        grads: Sequence[Tensor],
-        needs_input: Sequence[bool],
-    ) -> tuple[Tensor | None, ...]:
-        """:meth:`backward` as one native call (:mod:`.native`) for every layer."""
-        n = plan.n
-        f32 = torch.float32
-        grads = [g if g.dtype is f32 and g.is_contiguous() else g.float().contiguous() for g in grads]
-        needs_w = needs_input[1 + 2 * n :]
-        grad_w, b, e = native.backward(lib, plan.layout, weights, grads, needs_w, table, plan.share, float(grad_bpw))
-        need_b, need_e = any(needs_input[1 : 1 + n]), any(needs_input[1 + n : 1 + 2 * n])
-        return (None, *_per_layer(plan, b if need_b else None), *_per_layer(plan, e if need_e else None), *grad_w)
 
 
 def _per_layer(plan: _Plan, flat: Tensor | None) -> Sequence[Tensor | None]:
@@ -337,8 +298,7 @@ class FusedQuantizer:
         else:
             share = plan.share
         keep = torch.cat(pruned).logical_not().to(device=device, dtype=torch.float32)
-        layout = plan.layout if plan is not None else native.Layout(channels, [m.fan_in for m in self._ordered])
-        self._plan = _Plan(self._groups, channels, share, keep, pruned, versions, layout)
+        self._plan = _Plan(self._groups, channels, share, keep, pruned, versions)
         return self._plan
 
     def bits_per_weight(self) -> Tensor:

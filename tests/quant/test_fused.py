@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_sgsc import SafetyGuidedQuantization
 from lightning_sgsc.losses import bits_per_weight
-from lightning_sgsc.quant import functional, fused, native
+from lightning_sgsc.quant import functional, fused
 from lightning_sgsc.quant.fused import FusedQuantizer
 from lightning_sgsc.quant.modules import quantized_layers
 from lightning_sgsc.quant.swap import quantize_
@@ -46,16 +46,6 @@ class TwoSameFanIn(nn.Module):
         return self.c(torch.cat([self.a(x), self.b(x)], dim=-1))
 
 
-@pytest.fixture(params=["native", "torch"])
-def path(request, monkeypatch):
-    """Runs a test on the native kernel (where it builds: ``test_native`` checks that it does wherever there is a
-    C compiler) and on the torch path."""
-    if request.param == "native" and native.status() != "native":
-        pytest.skip(f"native kernel {native.status()}")
-    monkeypatch.setattr(native, "enabled", request.param == "native")
-    return request.param
-
-
 INPUTS = {
     TwoSameFanIn: lambda: torch.randn(7, 8),
     TinyConvNet: lambda: torch.randn(5, 1, 8, 8),
@@ -65,7 +55,7 @@ INPUTS = {
 
 
 @pytest.mark.parametrize("make", list(INPUTS), ids=lambda c: c.__name__)
-def test_fused_step_matches_per_layer_quantizers(make, path):
+def test_fused_step_matches_per_layer_quantizers(make):
     per_layer = _randomised(make())
     fused = copy.deepcopy(per_layer)
     torch.manual_seed(2)
@@ -141,7 +131,6 @@ def test_the_mixin_runs_each_training_step_inside_one_fused_pass(tmp_path):
 
 
 def test_the_backward_reuses_the_stacked_weights_unless_something_stacked_since(monkeypatch):
-    monkeypatch.setattr(native, "enabled", False)  # the torch path's workspace (the native kernel stacks nothing)
     model = _randomised(TinyConvNet())  # padded layers: stacked into a workspace matrix
     reference = copy.deepcopy(model)
     layers = [m for _, m in quantized_layers(model)]
@@ -172,7 +161,7 @@ def test_the_backward_reuses_the_stacked_weights_unless_something_stacked_since(
         torch.testing.assert_close(got.grad, ref.weight.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_pruning_between_steps_reaches_the_cached_plan(path):
+def test_pruning_between_steps_reaches_the_cached_plan():
     model = _randomised(TwoSameFanIn())
     fq = FusedQuantizer([m for _, m in quantized_layers(model)])
     with torch.no_grad():

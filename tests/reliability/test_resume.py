@@ -49,4 +49,4 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     assert cb_resumed.history == cb_straight.history
     assert any(e["pruned"] or e["restored"] for e in cb_straight.history)  # the run did make decisions
     assert cb_resumed.preservation_set.indices.tolist() == cb_straight.preservation_set.indices.tolist()
-    assert cb_resumed._preservation_iter.draws == cb_straight._preservation_iter.draws
+    assert cb_resumed.preservation.draws == cb_straight.preservation.draws

@@ -1,0 +1,232 @@
+"""The preservation set over a fit: when it is built, how batches are drawn, what a checkpoint keeps.
+
+:class:`PreservationManager` is the part of the callback that owns the set. It is driven by four calls, each from
+one callback hook: :meth:`~PreservationManager.start` (``on_train_start``: the user's data, or a resumed run's
+examples), :meth:`~PreservationManager.maybe_build` (``on_train_epoch_start``: score and choose once the warm-up
+is over), :meth:`~PreservationManager.note_batch` (``on_train_batch_start``: learn the training batch size) and
+:meth:`~PreservationManager.next_batch` (a training step's preservation term). It reads only public Trainer
+attributes (``train_dataloader``, ``world_size``, ``strategy``) and keeps everything a resume needs in
+:meth:`~PreservationManager.state_dict`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_sgsc.config import check_int
+from lightning_sgsc.errors import SGSCTypeError, SGSCValueError, describe_rule
+from lightning_sgsc.preservation.build import DEFAULT_FRACTIONS, build_preservation_set, check_fractions
+from lightning_sgsc.preservation.set import PreservationSampler, PreservationSet
+
+PreservationData = Dataset | DataLoader | PreservationSet
+
+DEFAULT_PRESERVATION_BATCH = 32
+"""Largest preservation batch when ``batch_size`` is ``None`` (smaller training batches set it)."""
+
+EVALUATION_BATCH = 256
+"""Batch size of the whole-set passes (the metric and the restore scores)."""
+
+
+class PreservationManager:
+    """Builds, holds and samples the preservation set of one callback (see the module docstring).
+
+    Args: as the callback's ``preservation_*`` arguments, without the prefix, plus ``balance_classes`` and
+    ``seed``.
+    """
+
+    def __init__(
+        self,
+        data: PreservationData | None = None,
+        size: int = 256,
+        batch_size: int | None = None,
+        every_n_steps: int = 8,
+        source: Dataset | DataLoader | None = None,
+        fractions: dict[str, float] | None = None,
+        warmup_epochs: int = 1,
+        pool: int | None = 10_000,
+        balance_classes: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if data is not None and not isinstance(data, (Dataset, DataLoader, PreservationSet)):
+            raise SGSCTypeError(
+                describe_rule(
+                    "preservation_data", "a PreservationSet, torch Dataset or DataLoader (or None)", type(data)
+                )
+            )
+        if source is not None and not isinstance(source, (Dataset, DataLoader)):
+            raise SGSCTypeError(
+                describe_rule("preservation_source", "a torch Dataset or DataLoader (or None)", type(source))
+            )
+        check_int("preservation_size", size, 0)
+        check_int("preservation_batch_size", batch_size, 1, allow_none=True)
+        check_int("preservation_warmup_epochs", warmup_epochs, 0)
+        check_int("preservation_pool", pool, 1, allow_none=True)
+        check_int("preservation_every_n_steps", every_n_steps, 1)
+        self.fractions = check_fractions(DEFAULT_FRACTIONS if fractions is None else fractions)
+        self.data, self.size, self.batch_size, self.every_n_steps = data, size, batch_size, every_n_steps
+        self.source, self.warmup_epochs, self.pool = source, warmup_epochs, pool
+        self.balance_classes, self.seed = bool(balance_classes), seed
+        self.set: PreservationSet | None = None
+        self.indices: list[int] | None = None  # positions in the training dataset of a set built from it
+        self.chosen_by: list[str] = []
+        self._sampler: PreservationSampler | None = None
+        self._draws = 0
+        self._train_batch_size: int | None = None
+        self._warned_no_dataset = False
+
+    def check_weight(self, weight: Any) -> None:
+        """Refuses a constant preservation weight > 0 when there will never be a set."""
+        if weight is not None and not callable(weight) and weight > 0 and self.data is None and self.size == 0:
+            raise SGSCValueError(
+                describe_rule("preservation_weight", "0 when there is no preservation data", weight)
+                + " Pass `preservation_data=` or a `preservation_size` > 0."
+            )
+
+    # ------------------------------------------------------------------------------------------------ set up
+
+    def start(self, trainer: Any, pl_module: Any) -> None:
+        """At the start of a fit's training (data loaders ready): use the user's data, or rebuild a resumed set."""
+        self._train_batch_size = None  # this fit's loader may batch differently from the last one's
+        if isinstance(self.data, PreservationSet):
+            self._use(self.data, pl_module)
+        elif self.data is not None:
+            self._use(PreservationSet.from_data(self.data), pl_module)
+        elif self.indices is not None:  # resumed: the same examples as before, no re-scoring
+            dataset = self._dataset(trainer)
+            if dataset is not None:
+                pset = PreservationSet.from_data(dataset, self.indices)
+                pset.chosen_by = list(self.chosen_by)
+                self._use(pset, pl_module)
+
+    def maybe_build(self, trainer: Any, pl_module: Any) -> None:
+        """Scores and chooses the set from the training data once ``warmup_epochs`` are done (rank 0 scores, every
+        rank uses its choice)."""
+        if self.set is not None or self.data is not None or self.size == 0:
+            return
+        if trainer.current_epoch < self.warmup_epochs:
+            return
+        dataset = self._dataset(trainer)
+        if dataset is None:
+            return
+        if trainer.world_size > 1:
+            chosen = self._score(trainer, pl_module, dataset) if trainer.is_global_zero else None
+            shared = trainer.strategy.broadcast(
+                (chosen.indices.tolist(), chosen.chosen_by) if chosen is not None else None, src=0
+            )
+            indices, chosen_by = shared
+            pset = chosen if chosen is not None else PreservationSet.from_data(dataset, indices)
+            pset.chosen_by = list(chosen_by)
+        else:
+            pset = self._score(trainer, pl_module, dataset)
+        self.indices = pset.indices.tolist()
+        self.chosen_by = list(pset.chosen_by)
+        self._use(pset, pl_module)
+
+    def _dataset(self, trainer: Any) -> Any:
+        if self.source is not None:
+            return self.source.dataset if isinstance(self.source, DataLoader) else self.source
+        dataset = getattr(trainer.train_dataloader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__"):
+            if not self._warned_no_dataset:
+                rank_zero_warn(
+                    "[sgsc] no map-style training dataset to build a preservation set from; pass"
+                    " `preservation_data=`. Training without preservation loss and feedback."
+                )
+                self._warned_no_dataset = True
+            return None
+        return dataset
+
+    def _score(self, trainer: Any, pl_module: Any, dataset: Any) -> PreservationSet:
+        return build_preservation_set(
+            pl_module,
+            dataset,
+            size=min(self.size, len(dataset), self.pool or len(dataset)),
+            fractions=self.fractions,
+            balance_classes=self.balance_classes,
+            seed=self.seed,
+            pool_size=self.pool,
+            progress=trainer.progress_bar_callback is not None,
+        )
+
+    def _use(self, pset: PreservationSet, pl_module: Any) -> None:
+        pset = pset.to(pl_module.device)
+        was_training = pl_module.training
+        try:
+            with torch.no_grad():
+                pl_module.eval()
+                pl_module.preservation_step(pset.batch(torch.arange(min(2, len(pset)))))
+        except Exception as err:
+            raise SGSCValueError(
+                describe_rule("preservation_data", "examples the model's preservation_step accepts", type(pset.data))
+                + f" Its first batch failed with {type(err).__name__}: {err}"
+            ) from err
+        finally:
+            pl_module.train(was_training)
+        self.set = pset
+        self._sampler = None  # made at the first draw, when the training batch size is known
+        rank_zero_info(f"[sgsc] preservation set: {len(pset)} examples")
+
+    # ---------------------------------------------------------------------------------------------- batches
+
+    def note_batch(self, trainer: Any, batch: Any) -> None:
+        """Learns this fit's training batch size (the loader's ``batch_size``, else the first batch's)."""
+        if self._train_batch_size is not None or self.batch_size is not None:
+            return
+        size = getattr(trainer.train_dataloader, "batch_size", None)
+        if isinstance(size, int) and size > 0:  # a resumed fit may start on an epoch's last, smaller batch
+            self._train_batch_size = size
+            return
+        try:
+            self._train_batch_size = extract_batch_size(batch)
+        except MisconfigurationException:
+            self._train_batch_size = DEFAULT_PRESERVATION_BATCH
+            rank_zero_warn(
+                "[sgsc] no batch size found in the training batch; preservation batches of"
+                f" {DEFAULT_PRESERVATION_BATCH}. Pass `preservation_batch_size=` to choose."
+            )
+
+    @property
+    def effective_batch_size(self) -> int:
+        """``batch_size``, or the training batch size capped at ``DEFAULT_PRESERVATION_BATCH``."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return min(DEFAULT_PRESERVATION_BATCH, self._train_batch_size or DEFAULT_PRESERVATION_BATCH)
+
+    def due(self, global_step: int) -> bool:
+        """Whether this step adds a preservation term (a set exists and the step is an ``every_n_steps``-th)."""
+        return self.set is not None and global_step % self.every_n_steps == 0
+
+    def next_batch(self) -> Any:
+        """The next preservation batch (seeded shuffled passes over the set), already on the model's device."""
+        if self._sampler is None:
+            assert self.set is not None
+            self._sampler = self.set.sampler(self.effective_batch_size, self.seed, draws=self._draws)
+        return next(self._sampler)
+
+    @property
+    def draws(self) -> int:
+        """Preservation batches drawn so far over the whole run (resumes included)."""
+        return self._sampler.draws if self._sampler is not None else self._draws
+
+    def evaluation_batches(self) -> Iterator[Any]:
+        """The whole set once, in order (for the metric and the restore scores)."""
+        assert self.set is not None
+        return self.set.batches(max(self.effective_batch_size, EVALUATION_BATCH))
+
+    # ------------------------------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"indices": self.indices, "chosen_by": list(self.chosen_by), "draws": self.draws}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.indices = state.get("indices")
+        self.chosen_by = list(state.get("chosen_by", []))
+        self._draws = int(state.get("draws", 0))
+        self._sampler = None
