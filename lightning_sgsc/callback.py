@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_sgsc.config import FeedbackConfig, LossWeights, QuantizationConfig, Schedule, check_int
-from lightning_sgsc.errors import SGSCRuntimeError, SGSCTypeError, SGSCValueError, describe_rule
+from lightning_sgsc.errors import SGSCRuntimeError, SGSCTypeError, describe_rule
 from lightning_sgsc.feedback import Action, FeedbackPolicy, apply_decision, mask_pruned_grads_, taylor_restore_scores
 from lightning_sgsc.losses import l1_term, weighted_sum
 from lightning_sgsc.mixin import SafetyGuidedMixin
@@ -69,6 +69,7 @@ class SafetyGuidedQuantization(Callback):
         max_history: feedback events kept in :attr:`history` (and the checkpoint); the oldest go first.
         init_headroom: bits of room above each channel's largest weight at the swap, 0 to ``init_bits - 2``
             (``None``: 2, or ``init_bits - 2`` if less): weights grow early on, and a clipped one gets no gradient.
+        compile_quantizer: run the quantizer's arithmetic through ``torch.compile`` (opt-in; see the README).
 
     Example::
 
@@ -103,18 +104,17 @@ class SafetyGuidedQuantization(Callback):
         seed: int = 0,
         max_history: int = 1000,
         init_headroom: float | None = None,
+        compile_quantizer: bool = False,
     ) -> None:
         super().__init__()
         self.quant_config = QuantizationConfig(
-            init_bits=init_bits, include=include, exclude=exclude, init_headroom=init_headroom
+            init_bits, include, exclude, init_headroom, lr=quantizer_lr, compile=compile_quantizer
         )
         self.loss_weights = LossWeights(
             l1_weight=l1_weight,
             bit_weight=bit_weight,
             preservation_weight=1.0 if preservation_weight is None else preservation_weight,
         )
-        if isinstance(quantizer_lr, bool) or not isinstance(quantizer_lr, (int, float)) or not quantizer_lr > 0:
-            raise SGSCValueError(describe_rule("quantizer_lr", "a number > 0", quantizer_lr))
         check_int("max_history", max_history, 1)
         self.preservation = PreservationManager(  # the preservation_* arguments, in their order
             *(preservation_data, preservation_size, preservation_batch_size, preservation_every_n_steps),
@@ -170,7 +170,7 @@ class SafetyGuidedQuantization(Callback):
             )
             rank_zero_info(f"[sgsc] quantized {len(self.swapped_layers)} layers at {qc.init_bits:g} bits")
         self._layers = [m for _, m in quantized_layers(pl_module)]
-        self._fused = FusedQuantizer(self._layers)
+        self._fused = FusedQuantizer(self._layers, compile=self.quant_config.compile)
         self.feedback_config = dataclasses.replace(self.feedback_config, mode=pl_module.preservation_metric_mode)
         self.policy.config = self.feedback_config
         pl_module.attach_compression(self)

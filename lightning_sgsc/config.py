@@ -73,15 +73,23 @@ class QuantizationConfig:
         exclude: fnmatch patterns of layer names to keep in float.
         init_headroom: bits of room above each channel's largest weight at the start, 0 to ``init_bits - 2``
             (``None``: 2, or ``init_bits - 2`` if less).
+        lr: learning rate of ``bits`` and ``exponent`` (the callback's ``quantizer_lr``), > 0.
+        compile: run the fused quantizer's arithmetic through ``torch.compile`` (``compile_quantizer``).
     """
 
     init_bits: float = 8.0
     include: Sequence[str] | None = None
     exclude: Sequence[str] | None = None
     init_headroom: float | None = None
+    lr: float = 0.01
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _number("init_bits", self.init_bits, 2, 16)
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise SGSCValueError(describe_rule("quantizer_lr", "a number > 0", self.lr))
+        if not isinstance(self.compile, bool):
+            raise SGSCTypeError(describe_rule("compile_quantizer", "True or False", self.compile))
         from lightning_sgsc.quant.modules import resolve_headroom
 
         resolve_headroom(self.init_bits, self.init_headroom)

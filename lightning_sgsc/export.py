@@ -5,12 +5,18 @@ Layout (format version 2): two ``uint8`` tensors, ``payload`` and ``header`` = a
     {"format": "lightning-sgsc", "version": 2, "entries": [
         {"n": "net.conv1", "k": "q", "s": [16, 1, 3, 3], "o": 0, "kept": 16},      # quantized weight
         {"n": "net.conv1.bias", "k": "t", "d": "float32", "s": [16], "o": 221},   # any other tensor
+        {"n": "lm_head.weight", "k": "a", "of": "emb.weight"},                    # a second name of a tensor
         ...]}
 
 A quantized weight's region holds: one uint8 bit depth per channel, one float32 scale (``2^e``) per channel with
 at least one nonzero integer, then the packed integers (:mod:`lightning_sgsc.packing`). Every other parameter and
 buffer is stored raw at its own dtype. :func:`load_compressed` rebuilds ``scale * integer`` in float32, which is the
 same IEEE product the quantized layer computes, so the loaded model's outputs equal the trained model's exactly.
+
+Every entry of the model's ``state_dict`` is written, whatever its dtype and shape (0-d buffers such as BatchNorm's
+``num_batches_tracked`` included), except the twins' own quantizer state (``bits``, ``exponent``, ``pruned``, found
+by the module that owns them, so a user's parameter named ``bits`` survives). A tensor that appears under several
+names (tied weights) is stored once; its other names are aliases.
 
 Version 1 kept the same JSON uncompressed in the safetensors metadata (string ``sgsc``), where JSON-in-JSON escaping
 made it about 1.5 times its own size: 632 bytes of file overhead for the 3-layer DigitsCNN, 4,648 for the 4-layer
@@ -33,13 +39,12 @@ from lightning_sgsc import __version__
 from lightning_sgsc.errors import SGSCError, SGSCRuntimeError, SGSCValueError, describe_rule
 from lightning_sgsc.packing import pack, packed_nbytes, unpack
 from lightning_sgsc.quant.functional import pow2, required_bits
-from lightning_sgsc.quant.modules import quantized_layers
+from lightning_sgsc.quant.modules import quantized_layers, quantizer_state_ids
 
 FORMAT = "lightning-sgsc"
 FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
 _MAX_HEADER_BYTES = 64 * 2**20  # a decompressed header larger than this is refused (a zlib bomb, not a model)
-_QUANTIZER_NAMES = ("bits", "exponent", "pruned")
 _DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -47,6 +52,7 @@ _DTYPES = {
     "float64": torch.float64,
     "int64": torch.int64,
     "int32": torch.int32,
+    "int16": torch.int16,
     "int8": torch.int8,
     "uint8": torch.uint8,
     "bool": torch.bool,
@@ -62,10 +68,10 @@ class SkeletonMismatchError(SGSCValueError):
 
 
 def _tensor_bytes(t: Tensor) -> np.ndarray:
-    t = t.detach().cpu().contiguous()
+    t = t.detach().cpu().contiguous().reshape(-1)  # 1-D first: numpy cannot re-view a 0-d array's dtype
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
-    return t.numpy().view(np.uint8).reshape(-1)
+    return t.numpy().view(np.uint8)
 
 
 @torch.no_grad()
@@ -92,7 +98,7 @@ def export_compressed(model: nn.Module, path: str | Path) -> int:
     chunks: list[np.ndarray] = []
     entries: list[dict[str, Any]] = []
     offset = 0
-    quantized_weights: set[int] = set()
+    stored: dict[int, str] = {}  # id of each tensor written -> the name it was written under
     for name, layer in layers:
         q = layer.integer_weight()
         bits = required_bits(q)
@@ -110,16 +116,23 @@ def export_compressed(model: nn.Module, path: str | Path) -> int:
         )
         chunks.append(region)
         offset += region.nbytes
-        quantized_weights.add(id(layer.weight))
-    for kind, named in (("t", model.named_parameters()), ("t", model.named_buffers())):
-        for name, t in named:
-            if id(t) in quantized_weights or name.rpartition(".")[2] in _QUANTIZER_NAMES:
-                continue
-            data = _tensor_bytes(t)
-            dtype = str(t.dtype).removeprefix("torch.")
-            entries.append({"n": name, "k": kind, "d": dtype, "s": list(t.shape), "o": offset})
-            chunks.append(data)
-            offset += data.nbytes
+        stored[id(layer.weight)] = entries[-1]["n"]
+    skip = quantizer_state_ids(model)
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in skip:
+            continue
+        if id(t) in stored:  # tied: the same tensor under another name
+            if stored[id(t)] != name:
+                entries.append({"n": name, "k": "a", "of": stored[id(t)]})
+            continue
+        data = _tensor_bytes(t)
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in _DTYPES:
+            raise SGSCValueError(describe_rule(f"dtype of {name!r}", f"one of {sorted(_DTYPES)}", dtype))
+        entries.append({"n": name, "k": "t", "d": dtype, "s": list(t.shape), "o": offset})
+        chunks.append(data)
+        offset += data.nbytes
+        stored[id(t)] = name
     header = {"format": FORMAT, "version": FORMAT_VERSION, "writer": __version__, "entries": entries}
     payload = torch.from_numpy(np.concatenate(chunks) if chunks else np.zeros(0, np.uint8))
     from safetensors.torch import save_file
@@ -272,8 +285,13 @@ def load_compressed(path: str | Path, model: nn.Module) -> nn.Module:
             state[name] = _decode_quantized(entry, payload)
         elif kind == "t":
             state[name] = _decode_tensor(entry, payload)
+        elif kind == "a":
+            source = _entry_field(entry, "of", str)
+            if source not in state:
+                raise CompressedFormatError(describe_rule(f"alias {name!r}", "of a tensor stored before it", source))
+            state[name] = state[source]
         else:
-            raise CompressedFormatError(describe_rule(f"kind of {name!r}", "'q' or 't'", kind))
+            raise CompressedFormatError(describe_rule(f"kind of {name!r}", "'q', 't' or 'a'", kind))
     if quantized_layers(model):
         raise SkeletonMismatchError(
             describe_rule("model", "a float skeleton (not swapped)", "a model with quantized layers")

@@ -16,12 +16,11 @@ from torch import nn
 
 from lightning_sgsc.packing import packed_nbytes
 from lightning_sgsc.quant.functional import required_bits
-from lightning_sgsc.quant.modules import QuantizedLayer, quantized_layers
+from lightning_sgsc.quant.modules import QuantizedLayer, quantized_layers, stored_tensors
 
 #: every channel stores its bit depth as uint8; every kept channel its float32 scale
 BITS_BYTES_PER_CHANNEL = 1
 SCALE_BYTES_PER_KEPT_CHANNEL = 4
-_QUANTIZER_NAMES = ("bits", "exponent", "pruned")
 
 
 @dataclass(frozen=True)
@@ -109,16 +108,12 @@ def model_size(model: nn.Module) -> ModelSize:
         counted.add(id(layer.weight))
         float32_bytes += 4 * n
     other = 0
-    for name, p in model.named_parameters():
-        if id(p) in counted or name.rpartition(".")[2] in _QUANTIZER_NAMES:
+    params = {id(p) for p in model.parameters()}
+    for _, t in stored_tensors(model):
+        if id(t) in counted:
             continue
-        other += p.numel() * p.element_size()
-        float32_bytes += 4 * p.numel()
-    for name, b in model.named_buffers():
-        if name.rpartition(".")[2] in _QUANTIZER_NAMES:
-            continue
-        other += b.numel() * b.element_size()
-        float32_bytes += b.numel() * b.element_size()
+        other += t.numel() * t.element_size()
+        float32_bytes += 4 * t.numel() if id(t) in params else t.numel() * t.element_size()
     return ModelSize(
         layers=layers,
         quantized_bytes=quantized_bytes,
@@ -144,12 +139,10 @@ def size_metrics(size: ModelSize) -> dict[str, float]:
 
 
 def float32_bytes(model: nn.Module) -> int:
-    """Bytes of ``model`` with every parameter at float32 and buffers at their dtype (quantizer state excluded)."""
-    params = sum(p.numel() for n, p in model.named_parameters() if n.rpartition(".")[2] not in _QUANTIZER_NAMES)
-    buffers = sum(
-        b.numel() * b.element_size() for n, b in model.named_buffers() if n.rpartition(".")[2] not in _QUANTIZER_NAMES
-    )
-    return 4 * params + buffers
+    """Bytes of ``model`` with every parameter at float32 and buffers at their dtype (quantizer state excluded, each
+    tied tensor once)."""
+    params = {id(p) for p in model.parameters()}
+    return sum(4 * t.numel() if id(t) in params else t.numel() * t.element_size() for _, t in stored_tensors(model))
 
 
 def format_rows(rows: Sequence[tuple[str, ...]]) -> str:

@@ -320,6 +320,19 @@ def test_overhead_also_every_n_times_the_extra_side_end_to_end(monkeypatch, caps
     assert "every 2 steps" in out
 
 
+@pytest.mark.slow
+def test_overhead_compile_times_the_compiled_quantizer_as_its_own_side(monkeypatch, capsys):
+    argv = ["overhead.py", "--models", "digits_cnn", "--steps", "5", "--rounds", "1", "--compile"]
+    monkeypatch.setattr(sys, "argv", argv)
+    overhead.main()
+    out = capsys.readouterr().out
+    summary = _last_json(out)
+    (result,) = summary["results"]
+    assert summary["compile"] and result["sgsc_compiled_ms"] > 0 and result["ratio_compiled"] > 0
+    assert "with torch.compile" in out
+    assert overhead._callback(overhead.COMPILED_SIDE)[0].quant_config.compile
+
+
 def test_preservation_every_parses_seed_ranges_and_lists_and_refuses_the_rest():
     assert preservation_every.parse_ints("demo-seeds", "0-3", 0) == [0, 1, 2, 3]
     assert preservation_every.parse_ints("every", "8,16", 1) == [8, 16]

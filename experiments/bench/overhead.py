@@ -55,6 +55,7 @@ from lightning_sgsc.examples.training import quiet_trainer
 
 SCALING = "fashion_cnn,fashion_cnn_w2,fashion_cnn_w4,char_transformer,char_transformer_l8"
 SIDES = ("float", "quantizer", "sgsc")
+COMPILED_SIDE = "sgsc_compiled"
 
 
 class StepTimer(pl.Callback):
@@ -110,14 +111,17 @@ def _callback(side: str, preservation_batch_size: int | None = None) -> list[pl.
     )
     if side.startswith(EVERY_SIDE):
         kwargs["preservation_every_n_steps"] = int(side[len(EVERY_SIDE) :])
+    if side == COMPILED_SIDE:
+        kwargs["compile_quantizer"] = True
     return [
         SafetyGuidedQuantization(preservation_warmup_epochs=0, preservation_size=256, preservation_pool=1024, **kwargs)
     ]
 
 
-def sides_for(also_every: int | None) -> tuple[str, ...]:
-    """:data:`SIDES`, plus ``sgsc_every_N`` for ``--also-every-n N``."""
-    return SIDES if also_every is None else (*SIDES, f"{EVERY_SIDE}{also_every}")
+def sides_for(also_every: int | None, compiled: bool = False) -> tuple[str, ...]:
+    """:data:`SIDES`, plus ``sgsc_every_N`` for ``--also-every-n N`` and ``sgsc_compiled`` for ``--compile``."""
+    extra = ((f"{EVERY_SIDE}{also_every}",) if also_every is not None else ()) + ((COMPILED_SIDE,) if compiled else ())
+    return (*SIDES, *extra)
 
 
 WARMUP_STEPS = 3
@@ -137,8 +141,9 @@ def measure(
     accelerator: str,
     preservation_batch_size: int | None = None,
     also_every: int | None = None,
+    compiled: bool = False,
 ) -> dict[str, Any]:
-    sides = sides_for(also_every)
+    sides = sides_for(also_every, compiled)
     modules = {}
     for side in sides:
         torch.manual_seed(0)
@@ -179,8 +184,8 @@ def ratios(per_round: dict[str, list[float]]) -> dict[str, Any]:
 
     out: dict[str, Any] = {"quantizer_ratio": round(statistics.median(of("quantizer")), 3)}
     for side in per_round:
-        if side == "sgsc" or side.startswith(EVERY_SIDE):
-            key = "ratio" if side == "sgsc" else f"ratio_every_{side[len(EVERY_SIDE) :]}"
+        if side == "sgsc" or side.startswith(EVERY_SIDE) or side == COMPILED_SIDE:
+            key = {"sgsc": "ratio", COMPILED_SIDE: "ratio_compiled"}.get(side, f"ratio_every_{side[len(EVERY_SIDE) :]}")
             out[key] = round(statistics.median(of(side)), 3)
             out[f"{key}_ci95"] = [round(v, 3) for v in median_ci(of(side))]
             out[f"{key}_rounds"] = [round(r, 3) for r in of(side)]
@@ -257,6 +262,9 @@ def main() -> None:
         metavar="N",
         help="also time the callback with preservation_every_n_steps=N, alternating with the others",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="also time the callback with compile_quantizer=True (torch.compile)"
+    )
     args = parser.parse_args()
     for flag in ("steps", "rounds", "also_every_n"):
         value = getattr(args, flag)
@@ -267,12 +275,20 @@ def main() -> None:
     models = args.models or (SCALING if args.scaling else "digits_cnn,fashion_cnn,char_transformer")
     results = []
     for name in models.split(","):
-        r = measure(name, args.steps, args.rounds, args.accelerator, args.preservation_batch_size, args.also_every_n)
+        r = measure(
+            name,
+            args.steps,
+            args.rounds,
+            args.accelerator,
+            args.preservation_batch_size,
+            args.also_every_n,
+            args.compile,
+        )
         if args.scaling:
             r["float_peak_mib"] = peak_memory(name, "float", args.steps, args.accelerator)
             r["sgsc_peak_mib"] = peak_memory(name, "sgsc", args.steps, args.accelerator)
         results.append(r)
-        times = ", ".join(f"{side} {r[f'{side}_ms']:.2f}" for side in sides_for(args.also_every_n))
+        times = ", ".join(f"{side} {r[f'{side}_ms']:.2f}" for side in sides_for(args.also_every_n, args.compile))
         line = (
             f"{name:>20} ({r['params']:,} params, preservation batch {r['preservation_batch_size']}): ms/step {times}"
         )
@@ -284,6 +300,9 @@ def main() -> None:
             key = f"ratio_every_{args.also_every_n}"
             low, high = r[f"{key}_ci95"]
             line += f"; every {args.also_every_n} steps {r[key]:.2f}x ({low:.2f}-{high:.2f}x)"
+        if args.compile:
+            low, high = r["ratio_compiled_ci95"]
+            line += f"; with torch.compile {r['ratio_compiled']:.2f}x ({low:.2f}-{high:.2f}x)"
         if args.scaling:
             line += f"; peak memory float {r['float_peak_mib']} MiB, sgsc {r['sgsc_peak_mib']} MiB"
         print(line, flush=True)
@@ -291,6 +310,7 @@ def main() -> None:
     summary = {"device": device, "threads": torch.get_num_threads(), "steps": args.steps, "rounds": args.rounds}
     summary["preservation_batch_size"] = args.preservation_batch_size  # None: the callback's default, per model
     summary["also_every_n"] = args.also_every_n
+    summary["compile"] = args.compile
     print(json.dumps({**summary, "ratio": {r["model"]: r["ratio"] for r in results}, "results": results}))
 
 

@@ -167,6 +167,22 @@ def _plan(layers: Sequence[QuantizedLayer]) -> list[_Group]:
 
 
 @dataclass(frozen=True)
+class _Arithmetic:
+    """The per-group arithmetic of each direction: the functions of :mod:`.functional`, eager or compiled."""
+
+    forward: Any = _quantize_forward
+    backward: Any = _quantize_backward
+
+    @staticmethod
+    def compiled() -> _Arithmetic:
+        """Both directions through ``torch.compile`` (compiled at their first call, per shape; needs the compiler
+        toolchain torch's inductor uses)."""
+        return _Arithmetic(
+            torch.compile(_quantize_forward, dynamic=False), torch.compile(_quantize_backward, dynamic=False)
+        )
+
+
+@dataclass(frozen=True)
 class _Plan:
     """What :class:`_FusedQuantize` needs besides the learned tensors, for layers given in channel-vector order
     (group by group): the groups (members renumbered to that order), the channels per layer, ``fan_in /
@@ -180,6 +196,7 @@ class _Plan:
     keep: Tensor
     pruned: tuple[Tensor, ...]  # the masks ``keep`` was made from, with their versions below
     versions: tuple[int, ...]
+    arithmetic: _Arithmetic
 
     @property
     def n(self) -> int:
@@ -214,7 +231,7 @@ class _FusedQuantize(torch.autograd.Function):
         stamp = object()  # marks the stacked weights, so the backward can use them if nothing stacked since
         for group in plan.groups:
             rows = steps if plan.whole else steps.rows(group.start, group.stop)
-            group.unstack(_quantize_forward(group.stack(weights, 0, stamp), rows), quantized)
+            group.unstack(plan.arithmetic.forward(group.stack(weights, 0, stamp), rows), quantized)
         ctx.stamp = stamp
         ctx.save_for_backward(effective, *steps, *weights)
         return (torch.dot(effective, plan.share), *quantized)  # type: ignore[arg-type]
@@ -235,7 +252,7 @@ class _FusedQuantize(torch.autograd.Function):
             needs = (any(needs_w[i] for i in group.members), need_b, need_e)
             rows = steps if plan.whole else steps.rows(group.start, group.stop)
             stacked = group.restack(weights, 0, stamp)
-            gw, gb, ge = _quantize_backward(stacked, group.stack(grads, 1), rows, needs)
+            gw, gb, ge = plan.arithmetic.backward(stacked, group.stack(grads, 1), rows, needs)
             if gw is not None:
                 group.unstack(gw, grad_w, [w.dtype for w in weights])
             if gb is not None:
@@ -268,10 +285,13 @@ class FusedQuantizer:
             (restoring and pruning keep shapes; physical pruning happens after training). Layers spread over several
             devices (model parallelism) cannot share one matrix: :meth:`step` then leaves each layer its own
             quantizer.
+        compile: run the arithmetic through ``torch.compile`` (opt-in: a compile at the first steps, and the
+            per-channel ``b``/``e`` gradient sums may differ in their last bits from the eager path).
     """
 
-    def __init__(self, layers: Sequence[QuantizedLayer]) -> None:
+    def __init__(self, layers: Sequence[QuantizedLayer], compile: bool = False) -> None:
         self.layers = list(layers)
+        self._arithmetic = _Arithmetic.compiled() if compile else _Arithmetic()
         # the layers in channel-vector order (group by group), so each group's members are consecutive
         self._ordered = [self.layers[i] for group in _plan(self.layers) for i in group.members]
         self._groups = _plan(self._ordered)
@@ -298,7 +318,7 @@ class FusedQuantizer:
         else:
             share = plan.share
         keep = torch.cat(pruned).logical_not().to(device=device, dtype=torch.float32)
-        self._plan = _Plan(self._groups, channels, share, keep, pruned, versions)
+        self._plan = _Plan(self._groups, channels, share, keep, pruned, versions, self._arithmetic)
         return self._plan
 
     def bits_per_weight(self) -> Tensor:

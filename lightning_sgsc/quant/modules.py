@@ -217,3 +217,22 @@ def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
     for _, layer in quantized_layers(model):
         params += [layer.bits, layer.exponent]
     return params
+
+
+def quantizer_state_ids(model: nn.Module) -> set[int]:
+    """``id`` of every twin's ``bits``, ``exponent`` and ``pruned`` tensor: training-time state that a compressed
+    artifact does not keep (its integers and scales stand for it). Found by owner, not by name."""
+    return {id(t) for _, layer in quantized_layers(model) for t in (layer.bits, layer.exponent, layer.pruned)}
+
+
+def stored_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """The ``state_dict`` tensors a compressed artifact stores as they are: each distinct tensor once (tied weights
+    count once), without the twins' quantizer state."""
+    skip = quantizer_state_ids(model)
+    seen: set[int] = set()
+    out = []
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in skip and id(t) not in seen:
+            seen.add(id(t))
+            out.append((name, t))
+    return out

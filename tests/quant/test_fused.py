@@ -174,3 +174,14 @@ def test_pruning_between_steps_reaches_the_cached_plan():
     model.b.pruned = torch.ones_like(model.b.pruned)  # a new mask object
     _, after = fq.quantize_all()
     assert torch.equal(after[1], torch.zeros_like(after[1]))
+
+
+@pytest.mark.slow
+def test_the_compiled_arithmetic_gives_the_same_quantized_weights():
+    # opt-in torch.compile of the fused pass (compiles once for this shape: seconds): the forward is bit for bit
+    model = _randomised(TinyConvNet())
+    layers = [m for _, m in quantized_layers(model)]
+    eager_bpw, eager = FusedQuantizer(layers).quantize_all()
+    compiled_bpw, compiled = FusedQuantizer(layers, compile=True).quantize_all()
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled, strict=True))
+    assert torch.equal(eager_bpw, compiled_bpw)
