@@ -28,6 +28,7 @@ from lightning_sgsc.errors import SGSCRuntimeError, SGSCTypeError, describe_rule
 from lightning_sgsc.feedback import Action, FeedbackPolicy, apply_decision, mask_pruned_grads_, taylor_restore_scores
 from lightning_sgsc.losses import l1_term, weighted_sum
 from lightning_sgsc.mixin import SafetyGuidedMixin
+from lightning_sgsc.norms import eval_mode, recalibrate_norms_
 from lightning_sgsc.optim import own_param_group
 from lightning_sgsc.preservation.lifecycle import PreservationData, PreservationManager
 from lightning_sgsc.preservation.set import PreservationSet
@@ -69,7 +70,8 @@ class SafetyGuidedQuantization(Callback):
         max_history: feedback events kept in :attr:`history` (and the checkpoint); the oldest go first.
         init_headroom: bits of room above each channel's largest weight at the swap, 0 to ``init_bits - 2``
             (``None``: 2, or ``init_bits - 2`` if less): weights grow early on, and a clipped one gets no gradient.
-        compile_quantizer: run the quantizer's arithmetic through ``torch.compile`` (opt-in; see the README).
+        compile_quantizer: run the quantizer's arithmetic through ``torch.compile`` (opt-in).
+        recalibrate_norms: recompute BatchNorm statistics on the preservation set before each measurement.
 
     Example::
 
@@ -105,15 +107,14 @@ class SafetyGuidedQuantization(Callback):
         max_history: int = 1000,
         init_headroom: float | None = None,
         compile_quantizer: bool = False,
+        recalibrate_norms: bool = True,
     ) -> None:
         super().__init__()
         self.quant_config = QuantizationConfig(
             init_bits, include, exclude, init_headroom, lr=quantizer_lr, compile=compile_quantizer
         )
         self.loss_weights = LossWeights(
-            l1_weight=l1_weight,
-            bit_weight=bit_weight,
-            preservation_weight=1.0 if preservation_weight is None else preservation_weight,
+            l1_weight, bit_weight, 1.0 if preservation_weight is None else preservation_weight
         )
         check_int("max_history", max_history, 1)
         self.preservation = PreservationManager(  # the preservation_* arguments, in their order
@@ -125,22 +126,19 @@ class SafetyGuidedQuantization(Callback):
         self.feedback_config = FeedbackConfig(
             threshold, restore_fraction, restore_bits, min_channels, reference=reference, prune=prune
         )
-        self.quantizer_lr = float(quantizer_lr)
-        self.seed = seed
-        self.max_history = max_history
+        self.quantizer_lr, self.recalibrate_norms = float(quantizer_lr), bool(recalibrate_norms)
+        self.seed, self.max_history = seed, max_history
         self.policy = FeedbackPolicy(self.feedback_config)
         self.history: list[dict[str, Any]] = []
         self.swapped_layers: list[str] = []
         self._layers: list[QuantizedLayer] = []
         self._fused = FusedQuantizer([])
-        self._feedback_epoch = -1
-        self._any_pruned = False
+        self._feedback_epoch, self._any_pruned = -1, False
 
     @property
     @override
     def state_key(self) -> str:
-        """The class name: one such callback per Trainer, so the key needs no arguments (and changing one between a
-        checkpoint and its resume keeps the callback's state)."""
+        """The class name: one such callback per Trainer, so the key needs no arguments (and survives changing one)."""
         return type(self).__qualname__
 
     @property
@@ -248,27 +246,26 @@ class SafetyGuidedQuantization(Callback):
         if no_validation and self._feedback_epoch != trainer.current_epoch:
             self._feedback(trainer, pl_module)
 
+    def measure_preservation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """The preservation metric of the model as it is now, in eval mode, after recalibrating BatchNorm statistics
+        (``recalibrate_norms``); rank 0's value on every rank (a last-bit difference can never split the ranks)."""
+        batches = self.preservation.evaluation_batches
+        with torch.inference_mode(False), torch.no_grad(), eval_mode(pl_module):
+            if self.recalibrate_norms:
+                recalibrate_norms_(pl_module, batches(), pl_module.preservation_step)  # type: ignore[arg-type]
+            metric = pl_module.preservation_evaluate(batches())  # type: ignore[operator]
+        return float(trainer.strategy.broadcast(metric, src=0))
+
     def _feedback(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._feedback_epoch = trainer.current_epoch
         if self.preservation.set is not None:
-            was_training = pl_module.training
-            pl_module.eval()
-            with torch.inference_mode(False), torch.no_grad():
-                metric = pl_module.preservation_evaluate(self.preservation.evaluation_batches())  # type: ignore[operator]
-            # Every rank holds the same set and weights; rank 0's measurement and choices are what all ranks act
-            # on, so a difference in the last bit can never split their models.
-            metric = float(trainer.strategy.broadcast(metric, src=0))
+            metric = self.measure_preservation(trainer, pl_module)
             decision = self.policy.decide(metric)
             if decision.action is Action.SKIP:
                 rank_zero_warn(f"[sgsc] preservation metric is {metric}; skipping restore/prune this time.")
-            event = apply_decision(
-                pl_module,
-                decision,
-                self.feedback_config,
-                restore_scores=lambda: trainer.strategy.broadcast(self._restore_scores(pl_module), src=0),
-                optimizers=list(trainer.optimizers),
-            )
-            pl_module.train(was_training)
+            scores = lambda: trainer.strategy.broadcast(self._restore_scores(pl_module), src=0)  # noqa: E731
+            with eval_mode(pl_module):
+                event = apply_decision(pl_module, decision, self.feedback_config, scores, list(trainer.optimizers))
             self._any_pruned = any(bool(layer.pruned.any()) for layer in self._layers)
             event = dataclasses.replace(event, epoch=trainer.current_epoch, step=trainer.global_step)
             self.history = [*self.history, event.as_dict()][-self.max_history :]

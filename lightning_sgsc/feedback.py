@@ -13,7 +13,7 @@ At each check the preservation metric is compared with a reference (the best val
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -235,39 +235,48 @@ def enforce_min_channels(model: nn.Module, to_prune: Masks, min_channels: int) -
     return prune, keep
 
 
+def _clear_state(optimizers: Sequence[torch.optim.Optimizer], param: Tensor, mask: Tensor) -> None:
+    """Zeroes the rows ``mask`` of every per-parameter optimizer state of ``param`` (Adam moments, momentum)."""
+    for opt in optimizers:
+        for value in opt.state.get(param, {}).values():
+            if isinstance(value, Tensor) and value.shape == param.shape:
+                value[mask] = 0
+
+
+def _frozen(layer: QuantizedLayer) -> list[Tensor]:
+    """The tensors whose rows a pruned channel freezes: weight, bias, bits, and the affine parameters of the
+    BatchNorm that reads the layer (see :func:`lightning_sgsc.norms.link_norms_`)."""
+    norm = layer.__dict__.get("_sgsc_norm")
+    extra = [norm.weight, norm.bias] if norm is not None else []
+    return [t for t in (layer.weight, layer.bias, layer.bits, *extra) if t is not None]
+
+
 @torch.no_grad()
-def prune_channels_(model: nn.Module, selection: Masks, optimizers: list[torch.optim.Optimizer] = ()) -> int:  # type: ignore[assignment]
-    """Makes the selected channels permanent zeros: ``pruned`` set; ``bits``, weights and bias zeroed (so the channel
-    outputs exactly zero and can be removed physically at export, see :mod:`lightning_sgsc.prune`); every
-    per-parameter optimizer state of those rows (Adam moments, momentum) cleared so nothing moves them again.
-    :func:`mask_pruned_grads_` keeps their gradients at zero afterwards."""
+def prune_channels_(model: nn.Module, selection: Masks, optimizers: Sequence[torch.optim.Optimizer] = ()) -> int:
+    """Makes the selected channels permanent zeros: ``pruned`` set; ``bits``, weights, bias and the following
+    BatchNorm's ``gamma``/``beta`` zeroed (so the channel outputs exactly zero, after the norm too, and can be
+    removed physically at export, see :mod:`lightning_sgsc.prune`); every per-parameter optimizer state of those rows
+    cleared so nothing moves them again. :func:`mask_pruned_grads_` keeps their gradients at zero afterwards."""
     total = 0
     for layer, mask in _selected(model, selection):
         layer.pruned |= mask
-        layer.bits[mask] = 0.0
-        layer.weight[mask] = 0.0
-        if layer.bias is not None:
-            layer.bias[mask] = 0.0
-        for opt in optimizers:
-            for param in (layer.weight, layer.bits, layer.bias):
-                if param is None:
-                    continue
-                for value in opt.state.get(param, {}).values():
-                    if isinstance(value, Tensor) and value.shape == param.shape:
-                        value[mask] = 0
+        for param in _frozen(layer):
+            param[mask] = 0
+            _clear_state(optimizers, param, mask)
         total += int(mask.sum())
     return total
 
 
 @torch.no_grad()
 def mask_pruned_grads_(model: nn.Module | list[QuantizedLayer]) -> None:
-    """Zeroes the gradients of pruned channels (weight, bias, bits), so no optimizer term can move them."""
+    """Zeroes the gradients of pruned channels (weight, bias, bits, the following norm's affine parameters), so no
+    optimizer term can move them."""
     layers = model if isinstance(model, list) else [m for _, m in quantized_layers(model)]
     for layer in layers:
         if not bool(layer.pruned.any()):
             continue
-        for param in (layer.weight, layer.bias, layer.bits):
-            if param is not None and param.grad is not None:
+        for param in _frozen(layer):
+            if param.grad is not None:
                 param.grad[layer.pruned] = 0
 
 

@@ -3,13 +3,15 @@
 A channel computes exactly zero when its weights and its bias are all zero (what the callback's pruning leaves, and
 what an exported zero-bit channel reloads as). Removing it, and the matching inputs of the layers that read it, leaves
 the model's function unchanged up to floating-point summation order, as long as everything in between maps 0 to 0
-(ReLU, GELU, pooling, flatten, reshapes). Whole attention heads whose value rows are zero go first
+(ReLU, GELU, pooling, flatten, reshapes), and a BatchNorm after it has ``gamma = beta = 0`` on those channels (what
+the callback's pruning leaves). Whole attention heads whose value rows are zero go first
 (:func:`prune_attention_heads`).
 
 The dependency graph comes from Torch-Pruning (``torch-pruning`` on PyPI; it follows Conv → activation/pool → Conv,
 Conv → flatten → Linear, Linear → Linear and the q/k/v splits of attention). A group is removed only if every layer
-whose *outputs* it would cut holds zeros there and no normalisation or embedding layer is in it (those would turn
-a zero into a constant), and only if the pruned copy's outputs still match the original's; otherwise the channels
+whose *outputs* it would cut holds zeros there, every BatchNorm in it has zero ``gamma``/``beta`` there, and no other
+normalisation or embedding layer is in it (those would turn a zero into a constant), and only if the pruned copy's
+outputs still match the original's; otherwise the channels
 stay (they still cost no payload bits in the exported file).
 """
 
@@ -26,7 +28,8 @@ from lightning_sgsc.errors import SGSCTypeError, describe_rule
 from lightning_sgsc.quant.modules import quantized_layers
 
 _PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
-_BLOCKERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
+_BATCH_NORM = nn.modules.batchnorm._BatchNorm
+_BLOCKERS = (nn.LayerNorm, nn.GroupNorm, nn.Embedding)
 
 
 @dataclass
@@ -105,23 +108,29 @@ def prune_zero_channels(model: nn.Module, example_inputs: Any, atol: float = 1e-
     report.heads_removed = prune_attention_heads(model)
     keep_outputs = {n for n, m in model.named_modules() if m in _output_layers(model, example_inputs)}
     candidates = [n for n, m in model.named_modules() if isinstance(m, _PRUNABLE) and bool(_zero_rows(m).any())]
-    current = model
+    removable = [n for n in candidates if n not in keep_outputs]
     for name in candidates:
-        n_zero = int(_zero_rows(current.get_submodule(name)).sum())
         if name in keep_outputs:
-            report.kept_zero[name] = n_zero
-            continue
-        # Prune a copy, keep it only if the outputs still match: a graph Torch-Pruning mis-reads (a custom head
-        # reshape, say) leaves the channels in place instead of breaking the model.
-        trial = copy.deepcopy(current)
-        removed = _prune_layer(trial, name, example_inputs)
-        if removed and _matches(trial, example_inputs, reference, atol):
-            current = trial
-            report.removed[name] = removed
-            if n_zero > removed:
-                report.kept_zero[name] = n_zero - removed
-        else:
-            report.kept_zero[name] = n_zero
+            report.kept_zero[name] = int(_zero_rows(model.get_submodule(name)).sum())
+    # Every group on one copy with one dependency graph; kept only if the outputs still match. Otherwise layer by
+    # layer, each on a copy of its own: a graph Torch-Pruning mis-reads (a custom head reshape, say) leaves those
+    # channels in place instead of breaking the model.
+    current = copy.deepcopy(model)
+    zero_before = {n: int(_zero_rows(current.get_submodule(n)).sum()) for n in removable}
+    removed = _prune_layers(current, removable, example_inputs)
+    if not removed:
+        current = model
+    elif not _matches(current, example_inputs, reference, atol):
+        current, removed = model, {}
+        for name in removable:
+            trial = copy.deepcopy(current)
+            count = _prune_layers(trial, [name], example_inputs).get(name, 0)
+            if count and _matches(trial, example_inputs, reference, atol):
+                current, removed[name] = trial, count
+    for name in removable:
+        report.removed.update({name: removed[name]} if removed.get(name) else {})
+        if zero_before[name] > removed.get(name, 0):
+            report.kept_zero[name] = zero_before[name] - removed.get(name, 0)
     if current is not model:  # the caller's object takes over the pruned copy's state (in place)
         model.__dict__.update(current.__dict__)
     with torch.no_grad():
@@ -131,32 +140,38 @@ def prune_zero_channels(model: nn.Module, example_inputs: Any, atol: float = 1e-
     return report
 
 
-def _prune_layer(model: nn.Module, name: str, example_inputs: Any) -> int:
+def _prune_layers(model: nn.Module, names: list[str], example_inputs: Any) -> dict[str, int]:
+    """Removes the zero output channels of each layer in ``names`` whose whole dependency group is exact (one graph
+    for all); returns the channels removed per layer."""
     import torch_pruning as tp
 
-    layer = model.get_submodule(name)
-    zero = _zero_rows(layer)
-    idxs = zero.nonzero().flatten().tolist()
-    if len(idxs) == zero.numel():
-        idxs = idxs[1:]  # a layer keeps at least one channel
-    if not idxs:
-        return 0
+    if not names:
+        return {}
     with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-    conv = isinstance(layer, (nn.Conv1d, nn.Conv2d))
-    handler = tp.prune_conv_out_channels if conv else tp.prune_linear_out_channels
-    group = graph.get_pruning_group(layer, handler, idxs=idxs)
-    if not _group_is_exact(group):
-        return 0
-    group.prune()
-    return len(idxs)
+    removed: dict[str, int] = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        zero = _zero_rows(layer)
+        idxs = zero.nonzero().flatten().tolist()
+        if len(idxs) == zero.numel():
+            idxs = idxs[1:]  # a layer keeps at least one channel
+        if not idxs:
+            continue
+        conv = isinstance(layer, (nn.Conv1d, nn.Conv2d))
+        handler = tp.prune_conv_out_channels if conv else tp.prune_linear_out_channels
+        group = graph.get_pruning_group(layer, handler, idxs=idxs)
+        if _group_is_exact(group):
+            group.prune()
+            removed[name] = len(idxs)
+    return removed
 
 
 def _matches(model: nn.Module, example_inputs: Any, reference: Tensor, atol: float) -> bool:
     try:
         with torch.no_grad():
             out = model(example_inputs)
-    except RuntimeError:  # e.g. a reshape that no longer fits
+    except Exception:  # e.g. a reshape or split that no longer fits the pruned widths
         return False
     return out.shape == reference.shape and float((out - reference).abs().max()) <= atol
 
@@ -207,6 +222,10 @@ def _group_is_exact(group: Any) -> bool:
         handler = getattr(dep.handler, "__name__", "")
         if isinstance(module, _BLOCKERS):
             return False
+        if isinstance(module, _BATCH_NORM):  # exact only where gamma = beta = 0: the channel stays zero after it
+            rows = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
+            if not module.affine or bool(module.weight[rows].any()) or bool(module.bias[rows].any()):
+                return False
         if isinstance(module, _PRUNABLE) and handler == "prune_out_channels":
             rows = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
             if not bool(_zero_rows(module)[rows].all()):

@@ -214,3 +214,62 @@ def test_a_tensor_entry_mutated_to_zero_elements_raises_our_error(tmp_path, arti
     path.write_bytes(_with_header(artifact, header))
     with pytest.raises(SGSCError):
         load_compressed(path, TinyConvNet())
+
+
+class _EveryKind(torch.nn.Module):
+    """BatchNorm (a 0-d int64 buffer), a bool and an int64 buffer, a bf16 parameter, a 0-d parameter, and a user
+    parameter named ``bits`` on a module that is not a twin."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Linear(4, 3)
+        self.bits = torch.nn.Parameter(torch.randn(3))  # the user's own, not the quantizer's
+        self.temperature = torch.nn.Parameter(torch.tensor(1.5))
+        self.scale16 = torch.nn.Parameter(torch.randn(3).to(torch.bfloat16))
+        self.register_buffer("mask", torch.tensor([True, False, True]))
+        self.register_buffer("counts", torch.arange(3))
+
+    def forward(self, x):
+        z = self.head(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+        return (z + self.bits * self.mask + self.scale16.float()) * self.temperature + self.counts
+
+
+def test_every_state_dict_entry_round_trips_whatever_its_dtype_and_shape(tmp_path):
+    torch.manual_seed(0)
+    model = _EveryKind()
+    model.train()
+    model(torch.randn(8, 1, 6, 6))  # running statistics and num_batches_tracked move
+    quantize_(model, init_bits=5)
+    model.eval()
+    path = tmp_path / "every.sgsc"
+    nbytes = export_compressed(model, path)
+    fresh = _EveryKind()
+    loaded = load_compressed(path, fresh).eval()
+    state = loaded.state_dict()
+    assert state["bn.num_batches_tracked"].dim() == 0 and int(state["bn.num_batches_tracked"]) == 1
+    for key in ("bits", "temperature", "scale16", "mask", "counts", "bn.running_mean", "bn.running_var", "head.bias"):
+        assert torch.equal(state[key], model.state_dict()[key]), key
+    x = torch.randn(4, 1, 6, 6)
+    assert torch.equal(loaded(x), model(x))
+    data = path.read_bytes()  # the size accounting counts every stored tensor, 0-d ones included
+    assert nbytes == model_size(model).total_bytes + 8 + struct.unpack("<Q", data[:8])[0] + len(_packed_header(data))
+
+
+def test_tied_weights_are_stored_once_and_reload_tied(tmp_path):
+    from tests.helpers.zoo import TinyGPT
+
+    torch.manual_seed(0)
+    model = TinyGPT()
+    with pytest.warns(UserWarning, match=r"'lm_head' shares its weight with \['wte'\]: left in float"):
+        quantize_(model, init_bits=4)
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.wte.weight
+    path = tmp_path / "gpt.sgsc"
+    export_compressed(model.eval(), path)
+    names = [e["n"] for e in _header(path.read_bytes())["entries"]]
+    assert names.count("wte.weight") == 1 and "lm_head.weight" in names  # an alias, not a second copy
+    loaded = load_compressed(path, TinyGPT()).eval()
+    assert loaded.lm_head.weight is loaded.wte.weight
+    idx = torch.randint(0, 13, (2, 8))
+    assert torch.equal(loaded(idx), model(idx))

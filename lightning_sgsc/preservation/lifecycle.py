@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_sgsc.config import check_int
 from lightning_sgsc.errors import SGSCTypeError, SGSCValueError, describe_rule
+from lightning_sgsc.norms import link_norms_
 from lightning_sgsc.preservation.build import DEFAULT_FRACTIONS, build_preservation_set, check_fractions
 from lightning_sgsc.preservation.set import PreservationSampler, PreservationSet
 
@@ -157,18 +158,14 @@ class PreservationManager:
 
     def _use(self, pset: PreservationSet, pl_module: Any) -> None:
         pset = pset.to(pl_module.device)
-        was_training = pl_module.training
-        try:
-            with torch.no_grad():
-                pl_module.eval()
-                pl_module.preservation_step(pset.batch(torch.arange(min(2, len(pset)))))
+        first = pset.batch(torch.arange(min(2, len(pset))))
+        try:  # one forward: checks the set fits the model, and shows which BatchNorm reads which twin
+            link_norms_(pl_module, lambda: pl_module.preservation_step(first))
         except Exception as err:
             raise SGSCValueError(
                 describe_rule("preservation_data", "examples the model's preservation_step accepts", type(pset.data))
                 + f" Its first batch failed with {type(err).__name__}: {err}"
             ) from err
-        finally:
-            pl_module.train(was_training)
         self.set = pset
         self._sampler = None  # made at the first draw, when the training batch size is known
         rank_zero_info(f"[sgsc] preservation set: {len(pset)} examples")

@@ -153,6 +153,8 @@ class QuantizedLayer:
         out = self.float_cls.__new__(self.float_cls)
         _copy_module_state(module, out)
         del out._parameters["bits"], out._parameters["exponent"], out._buffers["pruned"]
+        for key in ("_sgsc_norm", "_fused", "_weight_probe"):
+            out.__dict__.pop(key, None)
         if bake:
             with torch.no_grad():
                 out.weight = nn.Parameter(self.quantized_weight().detach().clone(), self.weight.requires_grad)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Any, cast
 
 from torch import nn
 
@@ -44,7 +45,9 @@ def select_layers(
 
     A layer is chosen when its type has a twin (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` exactly), its fully
     qualified name matches one of ``include`` (all, if ``None``) and none of ``exclude`` (fnmatch patterns), and
-    ``filter_fn(module, fqn)`` is true (if given).
+    ``filter_fn(module, fqn)`` is true (if given). A layer whose weight is shared with another module (tied weights,
+    e.g. a language model's head and token embedding) stays in float, with a warning naming both: quantizing one
+    holder would silently untie them, and pruning its channels would edit the other.
 
     Raises:
         SGSCValueError: a pattern matches no quantizable layer, or no layer is left to quantize.
@@ -61,9 +64,16 @@ def select_layers(
     candidates = [name for name, m in model.named_modules() if type(m) in TWIN_FOR and name]
     _check_patterns("include", include, candidates)
     _check_patterns("exclude", exclude, candidates)
+    holders = _holders(model)
     chosen = []
     for name in candidates:
         module = model.get_submodule(name)
+        shared = [h for h in holders[id(module.weight)] if h != name]
+        if shared:
+            warnings.warn(
+                f"[sgsc] {name!r} shares its weight with {shared}: left in float (tied weights)", stacklevel=3
+            )
+            continue
         if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
             continue
         if exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude):
@@ -77,6 +87,22 @@ def select_layers(
             + (f" Quantizable layers before include/exclude/filter_fn: {candidates}." if candidates else "")
         )
     return chosen
+
+
+def _holders(model: nn.Module) -> dict[int, list[str]]:
+    """For every Parameter, the names of the modules that hold it as their own (more than one: tied)."""
+    out: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            if name not in out.setdefault(id(p), []):
+                out[id(p)].append(name)
+    return out
+
+
+def _uses_quantized_weight(module: nn.Module, args: Any) -> None:
+    """A forward pre-hook that does nothing. Its presence turns off ``nn.TransformerEncoderLayer``'s fused inference
+    path, which reads ``linear1.weight``/``linear2.weight`` directly and would bypass the twins' quantizer."""
+    return None
 
 
 def quantize_(
@@ -115,6 +141,14 @@ def quantize_(
         module = model.get_submodule(name)
         twin = TWIN_FOR[type(module)].from_float(module, init_bits, init_headroom)
         _set_submodule(model, name, cast(nn.Module, twin))  # every twin is also its float layer's class
+    for parent in model.modules():
+        if isinstance(parent, nn.TransformerEncoderLayer):
+            for child in parent.modules():
+                if (
+                    isinstance(child, QuantizedLayer)
+                    and _uses_quantized_weight not in child._forward_pre_hooks.values()
+                ):  # type: ignore[attr-defined]
+                    child.register_forward_pre_hook(_uses_quantized_weight)  # type: ignore[attr-defined]
     return names
 
 

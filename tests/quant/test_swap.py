@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -72,3 +74,24 @@ def test_dequantize_bakes_exactly_the_quantized_function():
     assert dequantize_(net) == ["features.0", "head"]
     assert quantized_layers(net) == []
     assert_close(net(x), expected, atol=0, rtol=0)
+
+
+def test_a_transformer_encoder_layer_computes_with_the_quantized_weights_in_eval_mode_too():
+    # its fused inference path reads linear1/linear2.weight directly; the twins switch it off
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    quantize_(layer, init_bits=3)
+    layer.eval()
+    baked = copy.deepcopy(layer)
+    dequantize_(baked)  # plain Linear layers holding the quantized weights
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert torch.equal(layer(x), baked(x))
+
+
+def test_tied_layers_stay_in_float_with_a_warning():
+    net = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10, bias=False))
+    net[2].weight = net[0].weight
+    with pytest.warns(UserWarning, match=r"'2' shares its weight with \['0'\]: left in float \(tied weights\)"):
+        assert quantize_(net) == ["1"]
+    assert net[2].weight is net[0].weight
