@@ -25,10 +25,10 @@ from typing_extensions import override
 
 from lightning_sgsc.config import FeedbackConfig, LossWeights, QuantizationConfig, Schedule, check_int
 from lightning_sgsc.errors import SGSCRuntimeError, SGSCTypeError, describe_rule
-from lightning_sgsc.feedback import Action, FeedbackPolicy, apply_decision, mask_pruned_grads_, taylor_restore_scores
+from lightning_sgsc.feedback import Action, FeedbackPolicy, apply_decision, mask_pruned_grads_
 from lightning_sgsc.losses import l1_term, weighted_sum
 from lightning_sgsc.mixin import SafetyGuidedMixin
-from lightning_sgsc.norms import eval_mode, recalibrate_norms_
+from lightning_sgsc.norms import eval_mode
 from lightning_sgsc.optim import own_param_group
 from lightning_sgsc.preservation.lifecycle import PreservationData, PreservationManager
 from lightning_sgsc.preservation.set import PreservationSet
@@ -72,6 +72,9 @@ class SafetyGuidedQuantization(Callback):
             (``None``: 2, or ``init_bits - 2`` if less): weights grow early on, and a clipped one gets no gradient.
         compile_quantizer: run the quantizer's arithmetic through ``torch.compile`` (opt-in).
         recalibrate_norms: recompute BatchNorm statistics on the preservation set before each measurement.
+        preservation_loss: ``"distill"`` (keep the compressed model's outputs on the set those of its float weights)
+            or ``"labels"`` (cross entropy on the set's labels, the paper's term); see the README.
+        distill_temperature: softmax temperature of the distillation term.
 
     Example::
 
@@ -108,6 +111,8 @@ class SafetyGuidedQuantization(Callback):
         init_headroom: float | None = None,
         compile_quantizer: bool = False,
         recalibrate_norms: bool = True,
+        preservation_loss: str = "distill",
+        distill_temperature: float = 1.0,
     ) -> None:
         super().__init__()
         self.quant_config = QuantizationConfig(
@@ -120,7 +125,7 @@ class SafetyGuidedQuantization(Callback):
         self.preservation = PreservationManager(  # the preservation_* arguments, in their order
             *(preservation_data, preservation_size, preservation_batch_size, preservation_every_n_steps),
             *(preservation_source, preservation_fractions, preservation_warmup_epochs, preservation_pool),
-            *(balance_classes, seed),
+            *(balance_classes, seed, preservation_loss, distill_temperature),
         )
         self.preservation.check_weight(preservation_weight)
         self.feedback_config = FeedbackConfig(
@@ -169,7 +174,7 @@ class SafetyGuidedQuantization(Callback):
             rank_zero_info(f"[sgsc] quantized {len(self.swapped_layers)} layers at {qc.init_bits:g} bits")
         self._layers = [m for _, m in quantized_layers(pl_module)]
         self._fused = FusedQuantizer(self._layers, compile=self.quant_config.compile)
-        self.feedback_config = dataclasses.replace(self.feedback_config, mode=pl_module.preservation_metric_mode)
+        self.feedback_config = dataclasses.replace(self.feedback_config, mode=self.preservation.mode(pl_module))
         self.policy.config = self.feedback_config
         pl_module.attach_compression(self)
 
@@ -219,7 +224,7 @@ class SafetyGuidedQuantization(Callback):
             terms["l1"] = l1_term(self._layers)
             used["l1"] = weights["l1"]
         if weights["preservation"] and self.preservation.due(pl_module.global_step):  # type: ignore[attr-defined]
-            terms["preservation"] = pl_module.preservation_step(self.preservation.next_batch())
+            terms["preservation"] = self.preservation.term(pl_module)
             used["preservation"] = weights["preservation"]
         return weighted_sum(terms, used, base), terms
 
@@ -247,14 +252,8 @@ class SafetyGuidedQuantization(Callback):
             self._feedback(trainer, pl_module)
 
     def measure_preservation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
-        """The preservation metric of the model as it is now, in eval mode, after recalibrating BatchNorm statistics
-        (``recalibrate_norms``); rank 0's value on every rank (a last-bit difference can never split the ranks)."""
-        batches = self.preservation.evaluation_batches
-        with torch.inference_mode(False), torch.no_grad(), eval_mode(pl_module):
-            if self.recalibrate_norms:
-                recalibrate_norms_(pl_module, batches(), pl_module.preservation_step)  # type: ignore[arg-type]
-            metric = pl_module.preservation_evaluate(batches())  # type: ignore[operator]
-        return float(trainer.strategy.broadcast(metric, src=0))
+        """The preservation metric of the model as it is now (:meth:`PreservationManager.metric`)."""
+        return self.preservation.metric(trainer, pl_module, self.recalibrate_norms)
 
     def _feedback(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._feedback_epoch = trainer.current_epoch
@@ -273,8 +272,7 @@ class SafetyGuidedQuantization(Callback):
         pl_module.log_dict(size_metrics(model_size(pl_module)))
 
     def _restore_scores(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        batches = self.preservation.evaluation_batches()
-        return taylor_restore_scores(pl_module, batches, self.feedback_config.restore_bits)
+        return self.preservation.restore_scores(pl_module, self.feedback_config.restore_bits)
 
     # ----------------------------------------------------------------------------------------------- state
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_sgsc.quant.modules import QuantizedLayer, quantized_layers
@@ -42,6 +43,22 @@ def bits_per_weight(model: nn.Module | list[QuantizedLayer]) -> Tensor:
         total = total + layer.effective_bits().sum() * layer.fan_in
         count += layer.weight.numel()
     return total / max(count, 1)
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """``T² · KL(softmax(teacher / T) || softmax(student / T))`` over the last dimension (the classes or the
+    vocabulary), averaged over every other position (examples, tokens). Exactly 0 where the two agree, positive
+    otherwise; differentiable in ``student`` (``teacher`` is a target)."""
+    classes = student.shape[-1]
+    s = student.reshape(-1, classes).float() / temperature
+    t = teacher.detach().reshape(-1, classes).float() / temperature
+    kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), log_target=True, reduction="batchmean")
+    return kl * temperature**2
+
+
+def agreement(student: Tensor, teacher: Tensor) -> Tensor:
+    """The share of positions (examples, tokens) where the two outputs' top classes agree."""
+    return (student.argmax(dim=-1) == teacher.argmax(dim=-1)).float().mean()
 
 
 def weighted_sum(terms: dict[str, Tensor], weights: dict[str, float], base: Tensor | None = None) -> Tensor:

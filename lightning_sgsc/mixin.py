@@ -84,7 +84,7 @@ class SafetyGuidedMixin:
 
     Attributes:
         preservation_metric_mode: ``"max"`` when :meth:`preservation_evaluate` returns an accuracy-like value,
-            ``"min"`` when it returns a loss (language models).
+            ``"min"`` when it returns a loss (language models); used with ``preservation_loss="labels"``.
     """
 
     preservation_metric_mode: str = "max"
@@ -106,12 +106,19 @@ class SafetyGuidedMixin:
     # ---------------------------------------------------------------------------------------------- overridable
 
     def preservation_step(self, batch: Any) -> Tensor:
-        """Loss on one preservation batch (default: cross entropy of ``self(x)`` against ``y`` for ``(x, y)``)."""
+        """Label loss on one preservation batch, for ``preservation_loss="labels"`` (default: cross entropy of
+        ``self(x)`` against ``y`` for ``(x, y)``)."""
         x, y = batch[0], batch[1]
         return F.cross_entropy(self(x), y)  # type: ignore[operator]
 
+    def preservation_outputs(self, batch: Any) -> Tensor:
+        """The outputs the distillation term compares on one preservation batch, shaped ``(..., classes)`` (default:
+        ``self(x)`` for ``(x, ...)``). Override to drop positions that do not count (padding)."""
+        return self(batch[0])  # type: ignore[operator]
+
     def preservation_evaluate(self, batches: Iterable[Any]) -> float:
-        """The preservation metric over the whole set (default: top-1 accuracy through torchmetrics)."""
+        """The label metric over the whole set, for ``preservation_loss="labels"`` (default: top-1 accuracy through
+        torchmetrics; its direction is :attr:`preservation_metric_mode`)."""
         from torchmetrics.classification import MulticlassAccuracy
 
         metric: MulticlassAccuracy | None = None

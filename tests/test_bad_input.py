@@ -73,7 +73,7 @@ def test_unknown_strategy_name():
 
 def test_preservation_set_that_does_not_fit_the_model(tmp_path):
     wrong = torch.utils.data.TensorDataset(torch.randn(6, 3, 5, 5), torch.zeros(6).long())
-    with pytest.raises(SGSCValueError, match=r"`preservation_data` must be examples the model's preservation_step"):
+    with pytest.raises(SGSCValueError, match=r"`preservation_data` must be examples the model's preservation_outputs"):
         cpu_trainer(tmp_path, [SafetyGuidedQuantization(preservation_data=wrong)], max_epochs=1).fit(TinyClassifier())
 
 

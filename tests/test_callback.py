@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from lightning_sgsc import SafetyGuidedQuantization, quantize_
+from lightning_sgsc.losses import distillation_loss
 from lightning_sgsc.quant import QuantConv2d, QuantLinear, quantized_layers
+from lightning_sgsc.quant.modules import float_weights
 from tests.helpers.models import TinyClassifier, blob_data, cpu_trainer
 
 
@@ -283,15 +285,19 @@ def test_user_preservation_dataset_is_used(tmp_path):
     assert len(cb.preservation_set) == 10 and cb.preservation_set.indices.tolist() == list(range(10))
 
 
-def test_preservation_weight_lowers_the_preservation_loss(tmp_path):
+@pytest.mark.parametrize("kind", ["labels", "distill"])
+def test_preservation_weight_lowers_the_preservation_loss(tmp_path, kind):
+    # labels: the set's cross entropy; distill: how far the compressed outputs are from the float weights' outputs
     pset = blob_data(24, seed=5)  # examples the training data only approximates
 
     def final_loss(weight: float) -> float:
         torch.manual_seed(0)
         model = TinyClassifier()
         cb = SafetyGuidedQuantization(
+            init_bits=3 if kind == "distill" else 8,  # coarse enough for the compressed outputs to differ
             preservation_data=pset,
             preservation_weight=weight,
+            preservation_loss=kind,
             bit_weight=0.0,
             prune=False,
             preservation_every_n_steps=1,
@@ -299,7 +305,11 @@ def test_preservation_weight_lowers_the_preservation_loss(tmp_path):
         cpu_trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=4).fit(model)
         x, y = pset.tensors
         with torch.no_grad():
-            return F.cross_entropy(model.eval()(x), y).item()
+            logits = model.eval()(x)
+            if kind == "labels":
+                return F.cross_entropy(logits, y).item()
+            with float_weights(model):
+                return distillation_loss(logits, model(x)).item()
 
     assert final_loss(5.0) < final_loss(0.0)
 
@@ -329,7 +339,9 @@ def test_preservation_every_n_steps(tmp_path):
             calls.append(self.global_step)
             return super().preservation_step(batch)
 
-    cb = SafetyGuidedQuantization(preservation_warmup_epochs=0, preservation_every_n_steps=2, prune=False)
+    cb = SafetyGuidedQuantization(
+        preservation_warmup_epochs=0, preservation_every_n_steps=2, prune=False, preservation_loss="labels"
+    )
     cpu_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=6, limit_val_batches=0).fit(Counting())
     training_calls = [s for s in calls if s is not None]
     assert training_calls[1:4] == [0, 2, 4]  # the first call is the set's shape check at set-up
@@ -375,7 +387,10 @@ class BatchedAt(TinyClassifier):
 def test_preservation_batches_follow_the_training_batch_up_to_32_unless_given(tmp_path, train_batch, given, expected):
     model = BatchedAt(train_batch)
     cb = SafetyGuidedQuantization(
-        preservation_data=blob_data(120, seed=3), preservation_batch_size=given, preservation_every_n_steps=1
+        preservation_loss="labels",  # the batches preservation_step sees
+        preservation_data=blob_data(120, seed=3),
+        preservation_batch_size=given,
+        preservation_every_n_steps=1,
     )
     cpu_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=3, limit_val_batches=0).fit(model)
     assert model.preservation_sizes == [expected] * 3
@@ -384,7 +399,9 @@ def test_preservation_batches_follow_the_training_batch_up_to_32_unless_given(tm
 
 def test_a_second_fit_reads_its_own_training_batch(tmp_path):
     model = BatchedAt(8)
-    cb = SafetyGuidedQuantization(preservation_data=blob_data(64, seed=3), preservation_every_n_steps=1)
+    cb = SafetyGuidedQuantization(
+        preservation_data=blob_data(64, seed=3), preservation_every_n_steps=1, preservation_loss="labels"
+    )
     cpu_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(model)
     model.batch = 12
     cpu_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(model)

@@ -40,6 +40,12 @@ BAD = [
         r"`preservation_weight` must be 0 when there is no preservation data, got 1.0\. Pass `preservation_data=`",
     ),
     ({"quantizer_lr": 0}, SGSCValueError, r"`quantizer_lr` must be a number > 0, got 0\."),
+    (
+        {"preservation_loss": "kl"},
+        SGSCValueError,
+        r"`preservation_loss` must be one of \('distill', 'labels'\), got 'kl'\.",
+    ),
+    ({"distill_temperature": 0}, SGSCValueError, r"`distill_temperature` must be a number > 0, got 0\."),
     ({"compile_quantizer": "yes"}, SGSCTypeError, r"`compile_quantizer` must be True or False, got 'yes'\."),
     (
         {"preservation_data": [1, 2]},

@@ -188,6 +188,10 @@ class LanguageModule(SafetyGuidedMixin, pl.LightningModule):
     def preservation_step(self, batch: Any) -> Tensor:
         return self._loss(batch)
 
+    def preservation_outputs(self, batch: Any) -> Tensor:
+        x, y = batch
+        return self(x)[y != -1]  # the positions that hold a character, not the padding
+
     def preservation_evaluate(self, batches: Any) -> float:
         losses = [self._loss(batch) for batch in batches]
         return float(torch.stack(losses).mean())

@@ -3,10 +3,21 @@
 :class:`PreservationManager` is the part of the callback that owns the set. It is driven by four calls, each from
 one callback hook: :meth:`~PreservationManager.start` (``on_train_start``: the user's data, or a resumed run's
 examples), :meth:`~PreservationManager.maybe_build` (``on_train_epoch_start``: score and choose once the warm-up
-is over), :meth:`~PreservationManager.note_batch` (``on_train_batch_start``: learn the training batch size) and
-:meth:`~PreservationManager.next_batch` (a training step's preservation term). It reads only public Trainer
-attributes (``train_dataloader``, ``world_size``, ``strategy``) and keeps everything a resume needs in
-:meth:`~PreservationManager.state_dict`.
+is over), :meth:`~PreservationManager.note_batch` (``on_train_batch_start``: learn the training batch size),
+:meth:`~PreservationManager.term` (a training step's preservation loss) and :meth:`~PreservationManager.metric` (the
+safety signal at each check). It reads only public Trainer attributes (``train_dataloader``, ``world_size``,
+``strategy``) and keeps everything a resume needs in :meth:`~PreservationManager.state_dict`.
+
+What "preserve" means (``loss``):
+
+* ``"distill"`` (default): keep the compressed model doing on the set what the uncompressed model does. The
+  teacher is the same model with its float weights, unquantized, at the current step (one extra forward without
+  gradients): the term is ``T² · KL(teacher || compressed)`` on a preservation batch, the metric the share of
+  positions where the two agree on the top class (``"max"``). It is 0 / 1 when quantization changes nothing, and
+  nothing is recorded, so nothing goes stale while the float weights keep learning the task, and the teacher is a
+  function of the checkpointed weights (resume is exact by construction).
+* ``"labels"``: the paper's cross entropy on the set's labels (``preservation_step``) and the model's
+  ``preservation_evaluate`` as the metric.
 """
 
 from __future__ import annotations
@@ -18,18 +29,25 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_sgsc.config import check_int
 from lightning_sgsc.errors import SGSCTypeError, SGSCValueError, describe_rule
-from lightning_sgsc.norms import link_norms_
+from lightning_sgsc.feedback import taylor_restore_scores
+from lightning_sgsc.losses import agreement, distillation_loss
+from lightning_sgsc.norms import eval_mode, link_norms_, recalibrate_norms_
 from lightning_sgsc.preservation.build import DEFAULT_FRACTIONS, build_preservation_set, check_fractions
 from lightning_sgsc.preservation.set import PreservationSampler, PreservationSet
+from lightning_sgsc.quant.modules import float_weights
 
 PreservationData = Dataset | DataLoader | PreservationSet
 
 DEFAULT_PRESERVATION_BATCH = 32
 """Largest preservation batch when ``batch_size`` is ``None`` (smaller training batches set it)."""
+
+LOSSES = ("distill", "labels")
+"""What the preservation term compares (see the module docstring)."""
 
 EVALUATION_BATCH = 256
 """Batch size of the whole-set passes (the metric and the restore scores)."""
@@ -54,6 +72,8 @@ class PreservationManager:
         pool: int | None = 10_000,
         balance_classes: bool = False,
         seed: int = 0,
+        loss: str = "distill",
+        temperature: float = 1.0,
     ) -> None:
         if data is not None and not isinstance(data, (Dataset, DataLoader, PreservationSet)):
             raise SGSCTypeError(
@@ -71,6 +91,11 @@ class PreservationManager:
         check_int("preservation_pool", pool, 1, allow_none=True)
         check_int("preservation_every_n_steps", every_n_steps, 1)
         self.fractions = check_fractions(DEFAULT_FRACTIONS if fractions is None else fractions)
+        if loss not in LOSSES:
+            raise SGSCValueError(describe_rule("preservation_loss", f"one of {LOSSES}", loss))
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise SGSCValueError(describe_rule("distill_temperature", "a number > 0", temperature))
+        self.loss, self.temperature = loss, float(temperature)
         self.data, self.size, self.batch_size, self.every_n_steps = data, size, batch_size, every_n_steps
         self.source, self.warmup_epochs, self.pool = source, warmup_epochs, pool
         self.balance_classes, self.seed = bool(balance_classes), seed
@@ -160,10 +185,11 @@ class PreservationManager:
         pset = pset.to(pl_module.device)
         first = pset.batch(torch.arange(min(2, len(pset))))
         try:  # one forward: checks the set fits the model, and shows which BatchNorm reads which twin
-            link_norms_(pl_module, lambda: pl_module.preservation_step(first))
+            link_norms_(pl_module, lambda: self._loss(pl_module, first))
         except Exception as err:
+            hook = "preservation_outputs" if self.loss == "distill" else "preservation_step"
             raise SGSCValueError(
-                describe_rule("preservation_data", "examples the model's preservation_step accepts", type(pset.data))
+                describe_rule("preservation_data", f"examples the model's {hook} accepts", type(pset.data))
                 + f" Its first batch failed with {type(err).__name__}: {err}"
             ) from err
         self.set = pset
@@ -199,6 +225,46 @@ class PreservationManager:
     def due(self, global_step: int) -> bool:
         """Whether this step adds a preservation term (a set exists and the step is an ``every_n_steps``-th)."""
         return self.set is not None and global_step % self.every_n_steps == 0
+
+    def term(self, pl_module: Any) -> Tensor:
+        """The preservation loss on the next preservation batch (see the module docstring)."""
+        return self._loss(pl_module, self.next_batch())
+
+    def _loss(self, pl_module: Any, batch: Any) -> Tensor:
+        if self.loss == "labels":
+            return pl_module.preservation_step(batch)
+        with torch.no_grad(), float_weights(pl_module):
+            teacher = pl_module.preservation_outputs(batch)
+        return distillation_loss(pl_module.preservation_outputs(batch), teacher, self.temperature)
+
+    def mode(self, pl_module: Any) -> str:
+        """Whether a larger metric is better: agreement is (``"max"``); labels follow the model's own mode."""
+        return "max" if self.loss == "distill" else pl_module.preservation_metric_mode
+
+    def metric(self, trainer: Any, pl_module: Any, recalibrate: bool = True) -> float:
+        """The safety signal over the whole set, the model in eval mode, after recalibrating BatchNorm statistics
+        (``recalibrate``); rank 0's value on every rank (a last-bit difference can never split the ranks)."""
+        forward = pl_module.preservation_step if self.loss == "labels" else pl_module.preservation_outputs
+        with torch.inference_mode(False), torch.no_grad(), eval_mode(pl_module):
+            if recalibrate:
+                recalibrate_norms_(pl_module, self.evaluation_batches(), forward)
+            if self.loss == "labels":
+                value = float(pl_module.preservation_evaluate(self.evaluation_batches()))
+            else:
+                agree, total = 0.0, 0
+                for batch in self.evaluation_batches():
+                    student = pl_module.preservation_outputs(batch)
+                    with float_weights(pl_module):
+                        teacher = pl_module.preservation_outputs(batch)
+                    n = student.numel() // student.shape[-1]
+                    agree, total = agree + float(agreement(student, teacher)) * n, total + n
+                value = agree / max(total, 1)
+        return float(trainer.strategy.broadcast(value, src=0))
+
+    def restore_scores(self, pl_module: Any, bits: float) -> dict[str, Tensor]:
+        """Per zero-bit channel, the first-order change of the preservation loss if it came back at ``bits``."""
+        batches = self.evaluation_batches()
+        return taylor_restore_scores(pl_module, batches, bits, loss=lambda b: self._loss(pl_module, b))
 
     def next_batch(self) -> Any:
         """The next preservation batch (seeded shuffled passes over the set), already on the model's device."""

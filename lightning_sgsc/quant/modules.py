@@ -13,6 +13,8 @@ optimizer built on the float model still sees them); ``to_float`` converts back.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -94,6 +96,8 @@ class QuantizedLayer:
         Inside :meth:`~lightning_sgsc.quant.fused.FusedQuantizer.step` (one training step) this is the layer's
         slice of the step's single fused quantizer pass, as long as none of its tensors changed in place since.
         """
+        if self.__dict__.get("_sgsc_float"):  # inside float_weights(): the uncompressed layer
+            return self.weight
         fused = self._fused
         if fused is not None and torch.is_grad_enabled() and fused[1] == self._versions():
             q = fused[0].to(self.weight.dtype)
@@ -238,3 +242,17 @@ def stored_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
             seen.add(id(t))
             out.append((name, t))
     return out
+
+
+@contextmanager
+def float_weights(model: nn.Module) -> Iterator[None]:
+    """Within the block every twin of ``model`` computes with its float weight, unquantized: the uncompressed model
+    the same Parameters describe (the preservation term's teacher)."""
+    layers = [m for _, m in quantized_layers(model)]
+    for layer in layers:
+        layer.__dict__["_sgsc_float"] = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("_sgsc_float", None)

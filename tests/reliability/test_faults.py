@@ -36,7 +36,9 @@ class NaNMetric(TinyClassifier):
 
 def test_a_nan_preservation_metric_skips_with_a_warning(tmp_path):
     model = NaNMetric()
-    cb = SafetyGuidedQuantization(init_bits=2, bit_weight=5.0, quantizer_lr=0.5, preservation_warmup_epochs=0)
+    cb = SafetyGuidedQuantization(
+        init_bits=2, bit_weight=5.0, quantizer_lr=0.5, preservation_warmup_epochs=0, preservation_loss="labels"
+    )
     pruned_before = {}
 
     class Snapshot(Callback):
