@@ -14,9 +14,9 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-## the main job: float vs. compressed on the embedded digits data, a table and demo.json
+## the main job: float vs. compressed on the embedded digits data, a table, demo.json and demo.onnx
 demo: $(STAMP)
-	$(PY) -m lightning_sgsc.demo --json demo.json
+	$(PY) -m lightning_sgsc.demo --json demo.json --onnx demo.onnx
 
 ## the whole test suite (slow-marked tests included; a few minutes on 2 CPU cores)
 test: $(STAMP)
@@ -32,4 +32,4 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 clean:
-	rm -rf $(VENV) demo.json .pytest_cache
+	rm -rf $(VENV) demo.json demo.onnx .pytest_cache

@@ -31,12 +31,14 @@ _EXPORTS: dict[str, str] = {
     "export_compressed": "lightning_sgsc.export",
     "load_compressed": "lightning_sgsc.export",
     "prune_zero_channels": "lightning_sgsc.prune",
+    "export_onnx": "lightning_sgsc.deploy",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from lightning_sgsc.callback import SafetyGuidedQuantization
+    from lightning_sgsc.deploy import export_onnx
     from lightning_sgsc.errors import (
         AlreadyQuantizedError,
         SGSCError,

@@ -1,6 +1,6 @@
 """The main job: float and safety-guided compressed training side by side on scikit-learn's digits.
 
-    python -m lightning_sgsc.demo [--epochs 40] [--seed 0] [--json results.json]
+    python -m lightning_sgsc.demo [--epochs 40] [--seed 0] [--json results.json] [--onnx demo.onnx]
 
 Prints a table (test accuracy, bytes, bits per weight, zero-bit channels) for both models, where the compressed
 model's bytes are the size of its exported bit-packed file (checked to reload with identical outputs); ``--json``
@@ -28,9 +28,15 @@ DEMO_SETTINGS: dict[str, Any] = dict(init_bits=8, init_headroom=0, bit_weight=0.
 
 
 def train_one(
-    compress: bool, epochs: int, seed: int, lr: float, settings: dict[str, Any] | None = None
+    compress: bool,
+    epochs: int,
+    seed: int,
+    lr: float,
+    settings: dict[str, Any] | None = None,
+    onnx: Path | None = None,
 ) -> dict[str, Any]:
-    """One fit of the demo, float or compressed (with ``settings``, default :data:`DEMO_SETTINGS`)."""
+    """One fit of the demo, float or compressed (with ``settings``, default :data:`DEMO_SETTINGS`); a compressed
+    model is also written as an ONNX file to ``onnx`` when given (checked in ONNX Runtime on the test split)."""
     import lightning.pytorch as pl
     import torch
 
@@ -61,7 +67,14 @@ def train_one(
             x = data.test_set.tensors[0]
             if not torch.equal(skeleton(x), model.net.eval()(x)):
                 raise SGSCRuntimeError("The exported model's outputs differ from the trained model's.")
+    onnx_bytes = None
+    if compress and onnx is not None:
+        from lightning_sgsc.deploy import export_onnx
+
+        onnx.parent.mkdir(parents=True, exist_ok=True)
+        onnx_bytes = export_onnx(model.net, data.test_set.tensors[0], onnx).file_bytes
     return {
+        "onnx_bytes": onnx_bytes,
         "acc": float(test["test/acc"]),
         "bytes": file_bytes,
         "estimate_bytes": size.total_bytes,
@@ -75,15 +88,16 @@ def train_one(
     }
 
 
-def run(epochs: int = 40, seed: int = 0, lr: float = 3e-3) -> dict[str, Any]:
+def run(epochs: int = 40, seed: int = 0, lr: float = 3e-3, onnx: Path | None = None) -> dict[str, Any]:
     """Trains both models and returns the figures (see the module docstring for the keys)."""
     plain = train_one(False, epochs, seed, lr)
-    small = train_one(True, epochs, seed, lr)
+    small = train_one(True, epochs, seed, lr, onnx=onnx)
     return {
         "float_acc": plain["acc"],
         "compressed_acc": small["acc"],
         "float_bytes": plain["bytes"],
         "compressed_bytes": small["bytes"],
+        "onnx_bytes": small["onnx_bytes"],
         "compressed_estimate_bytes": small["estimate_bytes"],
         "bits_per_weight": small["bits_per_weight"],
         "compressed_fraction": small["bytes"] / plain["bytes"],
@@ -134,14 +148,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0, help="seed of data split, init and sampling (default 0)")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the weights")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument(
+        "--onnx", type=Path, default=None, metavar="PATH", help='also write the compressed model as ONNX (extra "onnx")'
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"`--epochs` must be >= 1, got {args.epochs!r}.")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="lightning")
     print(f"Training a float and a safety-guided compressed DigitsCNN for {args.epochs} epochs each (CPU)...")
-    result = run(epochs=args.epochs, seed=args.seed, lr=args.lr)
+    result = run(epochs=args.epochs, seed=args.seed, lr=args.lr, onnx=args.onnx)
     print(format_table(result))
+    if args.onnx:
+        print(
+            f"\nONNX file {args.onnx}: {result['onnx_bytes']:,} bytes (integer weights, pruned channels removed,"
+            f" checked in ONNX Runtime); the bit-packed .sgsc file: {result['compressed_bytes']:,} bytes"
+        )
     print()
     print("compressed model, per layer (bytes of the bit-packed file, less its header):")
     print(result["size_table"])

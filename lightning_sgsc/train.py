@@ -4,7 +4,8 @@
 it with ``@hydra.main`` and returns the metric a sweeper optimises. Each run writes one JSON result:
 ``<results_dir>/<run_name>.json`` with the config, the test metric, the true exported bytes, bits per weight,
 pruned channels, training time and the hardware, and (compressed runs, ``export=true``) the exported artifact
-itself, ``<results_dir>/<run_name>.sgsc`` (reload it with :func:`lightning_sgsc.export.load_compressed`).
+itself, ``<results_dir>/<run_name>.sgsc`` (reload it with :func:`lightning_sgsc.export.load_compressed`), and with
+``onnx=true`` an ONNX file with integer weights, ``<results_dir>/<run_name>.onnx`` (:func:`lightning_sgsc.export_onnx`).
 """
 
 from __future__ import annotations
@@ -131,6 +132,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             artifact = results_dir / f"{cfg.run_name}.sgsc"
             result["file_bytes"] = export_compressed(net, artifact)
             result["artifact"] = artifact.name
+        if cfg.get("onnx", False):  # the deployable file, checked in ONNX Runtime on a test batch
+            from lightning_sgsc.deploy import export_onnx
+
+            example = next(iter(datamodule.test_dataloader()))[0]
+            onnx_path = results_dir / f"{cfg.run_name}.onnx"
+            result["onnx_bytes"] = export_onnx(net, example, onnx_path).file_bytes
+            result["onnx_file"] = onnx_path.name
     else:
         result.update(bits_per_weight=32.0, file_bytes=float32_bytes(net), pruned_channels=0)
     (results_dir / f"{cfg.run_name}.json").write_text(json.dumps(result, indent=2) + "\n")

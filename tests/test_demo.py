@@ -12,7 +12,7 @@ def test_demo_runs_end_to_end_and_writes_the_json(tmp_path, capsys):
     from lightning_sgsc.demo import main
 
     out = tmp_path / "demo.json"
-    result = main(["--epochs", "2", "--json", str(out)])
+    result = main(["--epochs", "2", "--json", str(out), "--onnx", str(tmp_path / "demo.onnx")])
     written = json.loads(out.read_text())
     keys = ("float_acc", "compressed_acc", "float_bytes", "compressed_bytes", "bits_per_weight", "kept_alive_channels")
     for key in keys:
@@ -23,6 +23,8 @@ def test_demo_runs_end_to_end_and_writes_the_json(tmp_path, capsys):
     assert result["float_acc"] == written["float_acc"]
     printed = capsys.readouterr().out
     assert "float32" in printed and "sgsc" in printed and "kept/total" in printed
+    assert written["onnx_bytes"] == (tmp_path / "demo.onnx").stat().st_size  # the ONNX file, its size printed
+    assert f"{written['onnx_bytes']:,} bytes" in printed and f"{written['compressed_bytes']:,} bytes" in printed
 
 
 def test_demo_rejects_bad_epochs(capsys):

@@ -1,0 +1,242 @@
+"""Deployment: an ONNX file with integer weights and the pruned channels gone, checked in ONNX Runtime.
+
+:func:`export_onnx` takes a compressed model (twins, as trained), bakes a float copy, removes its zero channels
+(:func:`~lightning_sgsc.prune.prune_zero_channels`) and exports it with torch's ONNX exporter. Then each quantized
+layer's float weight initializer becomes integers plus a per-output-channel power-of-two scale, joined by a
+``DequantizeLinear`` (axis 0) whose output takes the weight's name, so the ``Conv``/``Gemm``/``MatMul`` that read it are
+unchanged: the QDQ (weight-only) convention ONNX Runtime executes. Everything else stays float.
+
+The integers are exact: a trained row is ``2^e · q`` (float32 products); after pruning each remaining row is matched,
+in order, to its trained scale, and ``DequantizeLinear`` computes the same float32 products. The tensor type is the
+smallest ONNX type holding every row of the layer: ``int4`` (opset 21), ``int8`` or ``int16``.
+
+The exported graph is checked, not trusted: ``onnx.checker`` and ONNX Runtime's outputs against the compressed
+PyTorch model on ``example_inputs``. Needs the ``onnx`` extra: ``pip install "lightning-sgsc[onnx]"``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_sgsc.errors import SGSCRuntimeError, SGSCValueError, describe_rule
+from lightning_sgsc.prune import PruneReport, prune_zero_channels
+from lightning_sgsc.quant.functional import pow2, required_bits
+from lightning_sgsc.quant.modules import quantized_layers
+from lightning_sgsc.quant.swap import dequantize_
+
+OPSET = 21
+"""Opset of the exported graph: the first with ``int4`` in ``DequantizeLinear``."""
+
+
+@dataclass
+class OnnxReport:
+    """What :func:`export_onnx` wrote and checked."""
+
+    path: str
+    file_bytes: int
+    weight_types: dict[str, str] = field(default_factory=dict)  # quantized layer -> int4 / int8 / int16
+    prune: PruneReport | None = None
+    max_abs_diff: float = 0.0  # ONNX Runtime against the compressed PyTorch model on example_inputs
+
+
+def _require_onnx() -> tuple[Any, Any]:
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as err:
+        raise SGSCRuntimeError(
+            f"export_onnx needs onnx, onnxruntime and onnxscript ({err.name} is missing). "
+            'Install the extra: pip install "lightning-sgsc[onnx]".'
+        ) from err
+    return onnx, onnxruntime
+
+
+def _inputs(example_inputs: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
+        raise SGSCValueError(describe_rule("example_inputs", "a Tensor or a tuple of Tensors", type(example_inputs)))
+    return inputs
+
+
+@torch.no_grad()
+def row_integers(weight: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
+    """``(integers, row scales)`` with ``weight == scale[:, None] * integers`` exactly (float32 products, as the
+    quantizer computes them), for a weight whose rows are a subsequence, in order, of rows quantized at ``scales``
+    (physical pruning removes rows and columns but never reorders them). Each row takes the first remaining scale that
+    reproduces it; an all-zero row has integers 0 and scale 1.
+
+    Raises:
+        SGSCValueError: a row that no remaining scale reproduces (a weight that was not quantized at ``scales``).
+    """
+    rows = weight.detach().float().reshape(weight.shape[0], -1)
+    ints = torch.zeros(rows.shape, dtype=torch.int32)
+    out = torch.ones(rows.shape[0])
+    nonzero = scales != 0
+    start = 0
+    for r in range(rows.shape[0]):
+        row = rows[r]
+        if not bool(row.any()):
+            continue
+        while start < scales.numel():
+            s, start = scales[start], start + 1
+            if not bool(nonzero[start - 1]):
+                continue
+            q = torch.round(row / s)
+            if torch.equal(q * s, row) and bool((q.abs() <= 2**15).all()):
+                ints[r], out[r] = q.to(torch.int32), s
+                break
+        else:
+            raise SGSCValueError(f"row {r} is not on the grid of any remaining scale")
+    return ints.reshape(weight.shape), out
+
+
+def _int_tensor(onnx: Any, name: str, q: Tensor, bits: int) -> tuple[Any, str]:
+    """An ONNX initializer holding ``q`` at the smallest type for ``bits`` (raw little-endian data)."""
+    flat = q.flatten().numpy()
+    if bits <= 4:
+        nibbles = (flat.astype(np.int64) & 0xF).astype(np.uint8)
+        if nibbles.size % 2:
+            nibbles = np.concatenate([nibbles, np.zeros(1, np.uint8)])
+        raw = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
+        kind, dtype = "int4", onnx.TensorProto.INT4
+    elif bits <= 8:
+        raw, kind, dtype = flat.astype("<i1").tobytes(), "int8", onnx.TensorProto.INT8
+    else:
+        raw, kind, dtype = flat.astype("<i2").tobytes(), "int16", onnx.TensorProto.INT16
+    return onnx.helper.make_tensor(name, dtype, list(q.shape), raw, raw=True), kind
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Tensor | tuple[Tensor, ...],
+    path: str | Path,
+    prune: bool = True,
+    dynamic_batch: bool = True,
+    atol: float = 1e-4,
+) -> OnnxReport:
+    """Writes ``model`` (holding quantized twins) as an ONNX file with integer weights and checks it in ONNX Runtime.
+
+    Args:
+        model: a model trained with the callback or swapped by :func:`~lightning_sgsc.quantize_` (not changed).
+        example_inputs: inputs to trace and check with (a Tensor or a tuple of Tensors; the first dimension is the
+            batch).
+        path: the ``.onnx`` file to write.
+        prune: remove zero channels first (fewer MACs at inference).
+        dynamic_batch: export the batch dimension as dynamic.
+        atol: largest allowed difference between ONNX Runtime's outputs and the compressed PyTorch model's.
+
+    Returns:
+        An :class:`OnnxReport`.
+
+    Raises:
+        SGSCRuntimeError: the ``onnx`` extra is missing, the model has no quantized layer, the exporter fails, a
+            quantized layer's weight is not a plain initializer of the exported graph (the error names the layer),
+            or ONNX Runtime's outputs differ from the model's.
+    """
+    onnx, ort = _require_onnx()
+    inputs = _inputs(example_inputs)
+    layers = quantized_layers(model)
+    names = [name for name, _ in layers]
+    with torch.no_grad():  # each row's scale 2^e as the quantizer computes it; 0 for rows that quantize to zero
+        scales = {n: torch.where(m.effective_bits() > 0, pow2(m.exponent.float()), 0.0) for n, m in layers}
+    if not names:
+        raise SGSCRuntimeError(describe_rule("model", "a model with quantized layers", "a float model"))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            reference = model(*inputs)
+        baked = copy.deepcopy(model)
+    finally:
+        model.train(was_training)
+    dequantize_(baked)
+    report = OnnxReport(path=str(path), file_bytes=0)
+    if prune:
+        report.prune = prune_zero_channels(baked, inputs[0] if len(inputs) == 1 else inputs)
+    baked.eval()
+    dynamic = tuple({0: torch.export.Dim.DYNAMIC} for _ in inputs) if dynamic_batch else None
+    try:
+        program = torch.onnx.export(
+            baked, inputs, dynamo=True, optimize=False, dynamic_shapes=dynamic, opset_version=OPSET, verbose=False
+        )
+        if program is None:
+            raise RuntimeError("the exporter returned no program")
+        program.save(str(path))
+    except Exception as err:
+        raise SGSCRuntimeError(
+            f"torch's ONNX exporter could not express this model ({type(err).__name__}: {str(err)[:500]})."
+            + (" Try dynamic_batch=False." if dynamic_batch else "")
+        ) from err
+    proto = onnx.load(str(path))
+    for node in proto.graph.node:  # the exporter's per-node stack traces: kilobytes of text the runtime never reads
+        del node.metadata_props[:]
+        node.doc_string = ""
+    _quantize_initializers(onnx, proto, baked, scales, report)
+    onnx.checker.check_model(proto, full_check=True)
+    data = proto.SerializeToString()
+    Path(path).write_bytes(data)
+    report.file_bytes = len(data)
+    report.max_abs_diff = _check(ort, data, inputs, reference, atol)
+    return report
+
+
+def _quantize_initializers(
+    onnx: Any, proto: Any, baked: nn.Module, scales: dict[str, Tensor], report: OnnxReport
+) -> None:
+    graph = proto.graph
+    initializers = {init.name: init for init in graph.initializer}
+    consumers = {i for node in graph.node for i in node.input}
+    new_nodes = []
+    for name, layer_scales in scales.items():
+        key = f"{name}.weight"
+        init = initializers.get(key)
+        if init is None or key not in consumers:
+            raise SGSCRuntimeError(
+                describe_rule(f"layer {name!r}", "a weight the exported graph reads as an initializer", "none found")
+                + " The exporter folded or rewrote it; export this layer in float (exclude it) or change its forward."
+            )
+        weight = cast(Tensor, baked.get_submodule(name).weight).detach()
+        try:
+            q, row_scale = row_integers(weight, layer_scales)
+        except SGSCValueError as err:
+            raise SGSCRuntimeError(
+                describe_rule(f"layer {name!r}", "rows on its quantization grid after pruning", str(err))
+            ) from err
+        bits = int(required_bits(q).max()) if q.numel() else 1
+        int_init, kind = _int_tensor(onnx, f"{key}_quantized", q, max(bits, 1))
+        scale = onnx.numpy_helper.from_array(row_scale.numpy().astype(np.float32), f"{key}_scale")
+        graph.initializer.remove(init)
+        graph.initializer.extend([int_init, scale])
+        new_nodes.append(
+            onnx.helper.make_node(
+                "DequantizeLinear", [int_init.name, scale.name], [key], axis=0, name=f"{key}_dequantize"
+            )
+        )
+        report.weight_types[name] = kind
+    for node in reversed(new_nodes):
+        graph.node.insert(0, node)
+
+
+def _check(ort: Any, data: bytes, inputs: tuple[Tensor, ...], reference: Any, atol: float) -> float:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: the runtime's notes on folding it skipped are not ours to show
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
+    outputs = session.run(None, feeds)
+    expected = reference if isinstance(reference, (tuple, list)) else [reference]
+    diff = max(
+        float(np.abs(o - e.detach().cpu().numpy()).max()) if o.size else 0.0
+        for o, e in zip(outputs, expected, strict=True)
+    )
+    if not diff <= atol:
+        raise SGSCRuntimeError(
+            describe_rule("the ONNX file's outputs", f"within {atol:g} of the compressed model's", f"{diff:.3g} off")
+        )
+    return diff
