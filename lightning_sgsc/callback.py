@@ -259,7 +259,7 @@ class SafetyGuidedQuantization(Callback):
         self._feedback_epoch = trainer.current_epoch
         if self.preservation.set is not None:
             metric = self.measure_preservation(trainer, pl_module)
-            decision = self.policy.decide(metric)
+            decision = self.policy.decide(metric, self.preservation.noise)
             if decision.action is Action.SKIP:
                 rank_zero_warn(f"[sgsc] preservation metric is {metric}; skipping restore/prune this time.")
             scores = lambda: trainer.strategy.broadcast(self._restore_scores(pl_module), src=0)  # noqa: E731

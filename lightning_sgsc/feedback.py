@@ -2,7 +2,8 @@
 
 At each check the preservation metric is compared with a reference (the best value so far, by default):
 
-* it degraded by more than ``threshold``: restore a fraction of the zero-bit channels to ``restore_bits``,
+* it degraded by more than ``threshold`` (and more than the measurement's own noise, when it has one): restore a
+  fraction of the zero-bit channels to ``restore_bits``,
   choosing the channels whose return would lower the preservation loss the most (first-order Taylor estimate
   ``|<dL/dw_q, w_restored>|``, see :func:`probe_weight_grads`);
 * otherwise: make the zero-bit channels permanent (pruned: ``b`` and weights frozen at zero, their optimizer state
@@ -65,12 +66,13 @@ class FeedbackPolicy:
             return self.reference - metric
         return metric - self.reference
 
-    def decide(self, metric: float) -> Decision:
-        """Judges one measurement and updates the reference."""
+    def decide(self, metric: float, noise: float = 0.0) -> Decision:
+        """Judges one measurement and updates the reference. A drop restores channels only when it exceeds both
+        ``threshold`` and ``noise`` (what the measurement itself can move by: a drop within it is not evidence)."""
         if not math.isfinite(metric):
             return Decision(Action.SKIP, metric, self.reference, float("nan"))
         drop = self.degradation(metric)
-        action = Action.RESTORE if drop > self.config.threshold else Action.PRUNE
+        action = Action.RESTORE if drop > max(self.config.threshold, noise) else Action.PRUNE
         reference = self.reference
         better = drop < 0
         if self.reference is None or (self.config.reference is ReferencePolicy.BEST and better):

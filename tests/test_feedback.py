@@ -148,3 +148,11 @@ def test_a_prune_that_would_empty_a_layer_counts_the_spared_channel_as_kept_aliv
     event = apply_decision(net, Decision(Action.PRUNE, 0.9, 0.9, 0.0), FeedbackConfig(min_channels=1), dict)
     assert (event.restored, event.kept_alive, event.pruned) == (0, 1, conv.out_channels_ - 1)
     assert int((~conv.pruned).sum()) == 1 and float(conv.bits[~conv.pruned][0]) == FeedbackConfig().restore_bits
+
+
+def test_a_drop_within_the_measurements_noise_prunes_instead_of_restoring():
+    policy = FeedbackPolicy(FeedbackConfig(threshold=0.005))
+    policy.decide(0.97)
+    assert policy.decide(0.955, noise=0.02).action is Action.PRUNE  # 1.5 points: within two standard errors
+    assert policy.decide(0.94, noise=0.02).action is Action.RESTORE  # 3 points: beyond them
+    assert policy.decide(0.96).action is Action.RESTORE  # no noise given: the threshold alone, as before

@@ -5,8 +5,9 @@ one callback hook: :meth:`~PreservationManager.start` (``on_train_start``: the u
 examples), :meth:`~PreservationManager.maybe_build` (``on_train_epoch_start``: score and choose once the warm-up
 is over), :meth:`~PreservationManager.note_batch` (``on_train_batch_start``: learn the training batch size),
 :meth:`~PreservationManager.term` (a training step's preservation loss) and :meth:`~PreservationManager.metric` (the
-safety signal at each check). It reads only public Trainer attributes (``train_dataloader``, ``world_size``,
-``strategy``) and keeps everything a resume needs in :meth:`~PreservationManager.state_dict`.
+safety signal at each check, with its :attr:`~PreservationManager.noise`). It reads only public Trainer attributes
+(``train_dataloader``, ``world_size``, ``strategy``) and keeps everything a resume needs in
+:meth:`~PreservationManager.state_dict`.
 
 What "preserve" means (``loss``):
 
@@ -22,6 +23,7 @@ What "preserve" means (``loss``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -96,6 +98,7 @@ class PreservationManager:
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise SGSCValueError(describe_rule("distill_temperature", "a number > 0", temperature))
         self.loss, self.temperature = loss, float(temperature)
+        self.noise = 0.0  # what the last metric could move by from its sample alone (agreement: binomial)
         self.data, self.size, self.batch_size, self.every_n_steps = data, size, batch_size, every_n_steps
         self.source, self.warmup_epochs, self.pool = source, warmup_epochs, pool
         self.balance_classes, self.seed = bool(balance_classes), seed
@@ -259,6 +262,9 @@ class PreservationManager:
                     n = student.numel() // student.shape[-1]
                     agree, total = agree + float(agreement(student, teacher)) * n, total + n
                 value = agree / max(total, 1)
+                # two standard errors of an agreement measured on `total` positions: a drop within it is noise
+                self.noise = 2.0 * math.sqrt(max(value * (1.0 - value), 1.0 / max(total, 1)) / max(total, 1))
+        self.noise = float(trainer.strategy.broadcast(self.noise, src=0))
         return float(trainer.strategy.broadcast(value, src=0))
 
     def restore_scores(self, pl_module: Any, bits: float) -> dict[str, Tensor]:
