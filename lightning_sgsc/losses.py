@@ -56,11 +56,6 @@ def distillation_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0
     return kl * temperature**2
 
 
-def agreement(student: Tensor, teacher: Tensor) -> Tensor:
-    """The share of positions (examples, tokens) where the two outputs' top classes agree."""
-    return (student.argmax(dim=-1) == teacher.argmax(dim=-1)).float().mean()
-
-
 def weighted_sum(terms: dict[str, Tensor], weights: dict[str, float], base: Tensor | None = None) -> Tensor:
     """``base + sum(weights[k] * terms[k])`` over the keys of ``weights`` whose weight is not 0 (no ``base``: the
     sum alone). Each term added is one ``torch.add(..., alpha=weight)`` call, in ``base``'s dtype."""
