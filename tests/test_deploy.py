@@ -146,3 +146,17 @@ def test_without_the_extra_the_error_names_it(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_onnx)
     with pytest.raises(SGSCRuntimeError, match=r'pip install "lightning-sgsc\[onnx\]"'):
         export_onnx(DigitsCNN(), torch.randn(1, 1, 8, 8), tmp_path / "x.onnx")
+
+
+def test_the_runtime_session_folds_the_weights_at_load_and_computes_the_same(tmp_path):
+    from lightning_sgsc.deploy import runtime_session
+
+    model = _compressed(DigitsCNN)
+    x = torch.randn(8, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(model, x, tmp_path / "d.onnx")
+    folded, kept = runtime_session(tmp_path / "d.onnx"), runtime_session(tmp_path / "d.onnx", fold_weights=False)
+    name = folded.get_inputs()[0].name
+    a, b = folded.run(None, {name: x.numpy()})[0], kept.run(None, {name: x.numpy()})[0]
+    assert np.abs(a - b).max() <= 1e-5 and (a.argmax(-1) == b.argmax(-1)).all()

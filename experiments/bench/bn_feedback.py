@@ -1,0 +1,100 @@
+"""The feedback loop on a BatchNorm network: does a restore fire only when accuracy was lost?
+
+    python experiments/bench/bn_feedback.py [--epochs 40] [--seed 0]
+
+A residual CNN with affine BatchNorm (tests/helpers/zoo.py) trains on digits with the demo's settings. At every
+check the script prints what the loop saw (the preservation metric, measured after the BatchNorm statistics are
+recalibrated) and did (restored, pruned), beside the test-split accuracy of that moment, measured for this report
+only (the loop never sees it). Then the same with ``recalibrate_norms=False``, the statistics as training left them.
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_sgsc import SafetyGuidedQuantization
+from lightning_sgsc.demo import DEMO_SETTINGS
+from lightning_sgsc.examples import ClassifierModule, DigitsDataModule
+from lightning_sgsc.examples.training import quiet_trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.helpers.zoo import ResidualBNCNN
+
+
+class TestAccuracy(pl.Callback):
+    """The test split's accuracy after each validation, for the report (eval mode, the model as it is)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y, self.acc = x, y, []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        was = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            self.acc.append(float((pl_module(self.x).argmax(-1) == self.y).float().mean()))
+        pl_module.train(was)
+
+
+def run(epochs: int, seed: int, recalibrate: bool) -> list[dict[str, Any]]:
+    pl.seed_everything(seed, verbose=False)
+    data = DigitsDataModule(seed=seed)
+    data.setup("test")
+    module = ClassifierModule(ResidualBNCNN(), lr=3e-3)
+    cb = SafetyGuidedQuantization(seed=seed, recalibrate_norms=recalibrate, **DEMO_SETTINGS)
+    report = TestAccuracy(*data.test_set.tensors)
+    quiet_trainer(epochs, [cb, report]).fit(module, data)
+    checks = []
+    accs = report.acc[-len(cb.history) :]
+    for event, acc in zip(cb.history, accs, strict=True):
+        checks.append({k: event[k] for k in ("epoch", "metric", "action", "restored", "pruned")} | {"test_acc": acc})
+    return checks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    out = {}
+    for recalibrate in (True, False):
+        checks = run(args.epochs, args.seed, recalibrate)
+        key = "recalibrated" if recalibrate else "as_trained"
+        out[key] = checks
+        moves = [abs(b["metric"] - a["metric"]) for a, b in itertools.pairwise(checks)]
+        restores = [c for c in checks if c["restored"]]
+        unjustified = [
+            c
+            for c, prev in zip(checks[1:], checks, strict=False)
+            if c["restored"] and c["test_acc"] >= prev["test_acc"]
+        ]
+        print(
+            f"{key}: {len(checks)} checks, largest move of the metric between checks {100 * max(moves):.1f} points,"
+            f" {len(restores)} checks restored ({sum(c['restored'] for c in checks)} channels), of which"
+            f" {len(unjustified)} while the test accuracy had not dropped; final test accuracy"
+            f" {100 * checks[-1]['test_acc']:.2f} %"
+        )
+        for c in checks:
+            print(
+                f"  epoch {c['epoch']:>2}: metric {c['metric']:.4f} {c['action']:>7} restored {c['restored']:>3}"
+                f" pruned {c['pruned']:>3} test acc {c['test_acc']:.4f}"
+            )
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
