@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    float_module, _, float_acc = _train(False, args.epochs)
+    _, _, float_acc = _train(False, args.epochs)
     module, data, acc = _train(True, args.epochs)
     net = module.net.eval()
     size = model_size(net)
@@ -104,7 +104,6 @@ def main() -> None:
         "epochs": args.epochs,
         "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
     }
-    del float_module
     print(
         f"resnet18 on digits: test acc float {100 * float_acc:.2f} %, compressed {100 * acc:.2f} % at {file_bytes:,} B"
         f" ({100 * file_bytes / size.float32_bytes:.1f} % of float32); channels removed {result['channels_removed']:,}"
