@@ -71,7 +71,8 @@ class SafetyGuidedQuantization(Callback):
         init_headroom: bits of room above each channel's largest weight at the swap, 0 to ``init_bits - 2``
             (``None``: 2, or ``init_bits - 2`` if less): weights grow early on, and a clipped one gets no gradient.
         compile_quantizer: run the quantizer's arithmetic through ``torch.compile`` (opt-in).
-        recalibrate_norms: recompute BatchNorm statistics on the preservation set before each measurement.
+        recalibrate_norms: recompute BatchNorm statistics on the preservation set before each measurement and after
+            each restore.
         preservation_loss: ``"distill"`` (keep the compressed model's outputs on the set those of its float weights)
             or ``"labels"`` (cross entropy on the set's labels, the paper's term); see the README.
         distill_temperature: softmax temperature of the distillation term.
@@ -265,6 +266,10 @@ class SafetyGuidedQuantization(Callback):
             scores = lambda: trainer.strategy.broadcast(self._restore_scores(pl_module), src=0)  # noqa: E731
             with eval_mode(pl_module):
                 event = apply_decision(pl_module, decision, self.feedback_config, scores, list(trainer.optimizers))
+                if self.recalibrate_norms and (event.restored or event.kept_alive):
+                    # A restored channel was at zero bits when the statistics were taken (variance ~0): without new
+                    # statistics BatchNorm would scale its returning output by ~1/sqrt(eps).
+                    self.preservation.recalibrate(pl_module)
             self._any_pruned = any(bool(layer.pruned.any()) for layer in self._layers)
             event = dataclasses.replace(event, epoch=trainer.current_epoch, step=trainer.global_step)
             self.history = [*self.history, event.as_dict()][-self.max_history :]

@@ -156,3 +156,25 @@ def test_a_drop_within_the_measurements_noise_prunes_instead_of_restoring():
     assert policy.decide(0.955, noise=0.02).action is Action.PRUNE  # 1.5 points: within two standard errors
     assert policy.decide(0.94, noise=0.02).action is Action.RESTORE  # 3 points: beyond them
     assert policy.decide(0.96).action is Action.RESTORE  # no noise given: the threshold alone, as before
+
+
+def test_the_noise_margin_is_two_standard_errors_of_the_difference_of_two_measurements():
+    # the loop compares a measurement with an earlier one; both carry binomial noise over the same n examples
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    from lightning_sgsc.preservation.lifecycle import PreservationManager
+    from lightning_sgsc.preservation.set import PreservationSet
+
+    class Judged(nn.Module):
+        preservation_metric_mode = "max"
+
+        def preservation_evaluate(self, batches: object) -> float:
+            return 0.9
+
+    manager = PreservationManager()
+    manager.set = PreservationSet.from_data(TensorDataset(torch.zeros(400, 2), torch.zeros(400, dtype=torch.long)))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(broadcast=lambda value, src=0: value))
+    assert manager.metric(trainer, Judged(), recalibrate=False) == 0.9
+    assert manager.noise == pytest.approx(2 * (2 * 0.9 * 0.1 / 400) ** 0.5)  # 0.0424: 2 SE of one would be 0.03

@@ -128,3 +128,32 @@ def test_the_preservation_metric_of_a_batch_norm_net_does_not_follow_stale_stati
     make_stale()
     assert abs(cb.measure_preservation(trainer, module) - fresh) > 0.02  # what the loop judged without it
     assert len(quantized_layers(module)) == 7
+
+
+def test_a_restored_channel_gets_statistics_of_its_returning_output(tmp_path):
+    # a zero-bit channel's BatchNorm variance is ~0 after recalibration; a restore that kept those statistics would
+    # scale the returning channel by ~1/sqrt(eps) in eval mode (the test accuracy fell to 10 % in bench/bn_feedback)
+    pl.seed_everything(0, verbose=False)
+    from lightning_sgsc.demo import DEMO_SETTINGS
+
+    module = ClassifierModule(ResidualBNCNN(), lr=3e-3)
+    cb = SafetyGuidedQuantization(**{**DEMO_SETTINGS, "preservation_warmup_epochs": 0, "restore_fraction": 1.0})
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[cb],
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, DigitsDataModule(seed=0))
+    conv, norm = module.net.block1.conv1, module.net.block1.bn1
+    with torch.no_grad():
+        conv.bits[:4] = 0.0  # four channels at zero bits, not pruned
+    cb.measure_preservation(trainer, module)
+    assert bool((norm.running_var[:4] < 1e-6).all())  # the statistics of zero channels
+    cb.policy.reference = 2.0  # any measurement is now a drop beyond the noise: the loop restores
+    module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]  # outside the fit loop
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cb._feedback(trainer, module)
+    assert cb.history[-1]["restored"] >= 4 and bool((conv.bits[:4] > 0).all())
+    assert bool((norm.running_var[:4] > 1e-4).all())  # recalibrated for the restored weights

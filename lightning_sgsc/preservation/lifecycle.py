@@ -256,17 +256,26 @@ class PreservationManager:
     def metric(self, trainer: Any, pl_module: Any, recalibrate: bool = True) -> float:
         """The safety signal over the whole set (the model's ``preservation_evaluate``: accuracy by default), in eval
         mode, after recalibrating BatchNorm statistics (``recalibrate``); rank 0's value on every rank (a last-bit
-        difference can never split the ranks). Sets :attr:`noise` for an accuracy-like metric (two binomial standard
-        errors over the set: a drop within it is not evidence of a loss)."""
+        difference can never split the ranks). Sets :attr:`noise` for an accuracy-like metric: two standard errors
+        of the difference of two binomial measurements over the set (``2 * sqrt(2 p (1 - p) / n)``; the loop compares
+        this measurement with an earlier one, each with its own noise): a drop within it is not evidence of a loss."""
         with torch.inference_mode(False), torch.no_grad(), eval_mode(pl_module):
             if recalibrate:
-                recalibrate_norms_(pl_module, self.evaluation_batches(), pl_module.preservation_outputs)
+                self.recalibrate(pl_module)
             value = float(pl_module.preservation_evaluate(self.evaluation_batches()))
         n = len(self.set) if self.set is not None else 0
         accuracy_like = self.mode(pl_module) == "max" and 0.0 <= value <= 1.0 and n > 0
-        self.noise = 2.0 * math.sqrt(max(value * (1.0 - value), 1.0 / n) / n) if accuracy_like else 0.0
+        self.noise = 2.0 * math.sqrt(2.0 * max(value * (1.0 - value), 1.0 / n) / n) if accuracy_like else 0.0
         self.noise = float(trainer.strategy.broadcast(self.noise, src=0))
         return float(trainer.strategy.broadcast(value, src=0))
+
+    def recalibrate(self, pl_module: Any) -> int:
+        """Recomputes the BatchNorm statistics of ``pl_module`` on the set, for its weights as they are now
+        (:func:`~lightning_sgsc.norms.recalibrate_norms_`). Returns the number of norms recalibrated."""
+        if self.set is None:
+            return 0
+        with torch.inference_mode(False), torch.no_grad():
+            return recalibrate_norms_(pl_module, self.evaluation_batches(), pl_module.preservation_outputs)
 
     def restore_scores(self, pl_module: Any, bits: float) -> dict[str, Tensor]:
         """Per zero-bit channel, the first-order change of the label loss (``preservation_step``, what the metric
