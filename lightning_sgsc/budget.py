@@ -1,10 +1,6 @@
 """Budgets: the smallest model whose metric stays within a stated drop, or the best one within a stated size.
 
-Pure logic, no Trainer in here. Not yet wired into the callback (issue 19: in a first end-to-end trial on digits the
-reference set by a short warm-up was too early, the noise estimate mixed the metric's trend into its noise, and
-channels pruned while the budget was violated could not come back; the wiring waits on those).
-
-:class:`BudgetController` is a controller on the size-penalty weight (``bit_weight``,
+Pure logic, no Trainer in here. :class:`BudgetController` is a controller on the size-penalty weight (``bit_weight``,
 the Lagrange multiplier of the budget), updated once per check, in log space:
 
 * **accuracy budget** (``max_drop``): the slack is ``max_drop - drop`` where ``drop`` is how much worse the metric
@@ -127,8 +123,10 @@ class BudgetController:
 
     @property
     def warming_up(self) -> bool:
-        """Checks that establish the reference (the size term off): only while no reference is known."""
-        return self.config.kind == "accuracy" and self.config.reference is None and self.checks < self.config.warmup
+        """The size term is off: the first ``warmup`` checks (they establish the reference when none is given), and
+        after them until the smoothed metric first comes within the budget (a model still learning is not judged
+        against a reference it has not reached yet, so early checks cannot drive the weight down)."""
+        return self.config.kind == "accuracy" and self.checks < self.config.warmup
 
     @property
     def weight(self) -> float:
@@ -146,38 +144,58 @@ class BudgetController:
             return self.noise / abs(self.reference)
         return self.noise
 
-    def update(self, metric: float, size: float | None = None) -> Check:
-        """One check: the metric (and, for a size budget, the size in the budget's unit); returns what was done."""
+    def _better(self, a: float, b: float) -> bool:
+        return a > b if self.config.mode == "max" else a < b
+
+    def update(self, metric: float, size: float | None = None, steer: bool = True) -> Check:
+        """One check: the metric (and, for a size budget, the size in the budget's unit); returns what was done.
+        ``steer=False`` (the cool-down): judge the check, leave the weight as it is."""
         if not math.isfinite(metric):
             return Check(metric, math.nan, self.noise, self.reference, math.nan, math.nan, self.weight, False, False)
         a = self.config.smoothing
         if self.last is not None:  # |difference| of two draws, times sqrt(pi)/2, estimates sd * sqrt(2): one draw's sd
             self.noise = a * self.noise + (1 - a) * abs(metric - self.last) * math.sqrt(math.pi) / 2 / math.sqrt(2)
         self.last = metric
+        previous = self.smoothed
         self.smoothed = metric if self.smoothed is None else a * self.smoothed + (1 - a) * metric
-        warming = self.warming_up
+        # still improving (by more than half the noise since the last check): a model that is learning, or recovering
+        # from the last change of bit depths, is not lowered for being below the budget yet
+        improving = (
+            previous is not None
+            and self._better(self.smoothed, previous)
+            and abs(self.smoothed - previous) > 0.5 * self.noise
+        )
+        warming = self.warming_up  # this check was trained without the size term
         self.checks += 1
-        if warming:
-            better = self.config.mode == "max"
-            if self.reference is None or (self.smoothed > self.reference if better else self.smoothed < self.reference):
-                self.reference = self.smoothed
-            return Check(metric, self.smoothed, self.noise, self.reference, 0.0, 0.0, 0.0, False, True)
         kind = self.config.kind
+        if kind == "accuracy":
+            assert self.config.max_drop is not None
+            unset = self.config.reference is None
+            if unset and (self.reference is None or self._better(self.smoothed, self.reference)):
+                # no reference given: the best smoothed value seen stands for the float model's, during the warm-up
+                # and after it (a later, better value raises it, never lowers it: the budget only gets stricter).
+                self.reference = self.smoothed
+        if warming:
+            return Check(metric, self.smoothed, self.noise, self.reference, 0.0, 0.0, 0.0, False, True)
         if kind == "accuracy":
             assert self.config.max_drop is not None
             drop = self.drop(self.smoothed)
             slack = self.config.max_drop - drop
-            margin = self._noise_margin()
-            if abs(slack) > margin:  # outside the noise: act
-                e = max(-1.0, min(1.0, slack / self.config.max_drop))
-                self.log_weight += self.config.step * e * (2.0 if e < 0 else 1.0)
-            within = self.drop(metric) <= self.config.max_drop and drop <= self.config.max_drop - margin
+            if not steer:
+                pass
+            elif slack < -self._noise_margin() and not improving:
+                # over the budget beyond the noise, and not recovering: lower, twice as fast as it rises (safety first)
+                self.log_weight -= 2.0 * self.config.step * min(1.0, -slack / self.config.max_drop)
+            elif slack > self._noise_margin():  # room beyond the noise: compress more; within the noise: hold
+                self.log_weight += self.config.step * min(1.0, slack / self.config.max_drop)
+            # met beyond doubt: the measurement within the budget, and the smoothed value by a margin of the noise
+            within = self.drop(metric) <= self.config.max_drop and drop <= self.config.max_drop - self._noise_margin()
         elif kind == "size":
             target = float(self.config.target_bytes or self.config.target_bits_per_weight or 0)
             if size is None:
                 raise SGSCValueError(describe_rule("size", "the model's size for a size budget", size))
             drop, slack = 0.0, (target - size) / target
-            if slack < 0 or slack > 0.05:  # over the target, or more than 5 % under it
+            if steer and (slack < 0 or slack > 0.05):  # over the target, or more than 5 % under it
                 self.log_weight -= self.config.step * max(-1.0, min(1.0, slack / 0.5))
             within = size <= target
         else:
@@ -199,3 +217,74 @@ class BudgetController:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("log_weight", "reference", "smoothed", "last", "noise", "checks"):
             setattr(self, key, state[key])
+
+
+class BudgetTracker:
+    """The controller plus the best state within the budget, for the callback (no Trainer in here either).
+
+    :meth:`observe` takes one check's metric, the model's size and a function returning a copy of the model's
+    state; it updates the controller and keeps that copy when the check met the budget beyond doubt and is better than
+    the best kept so far: smaller for an accuracy budget, more accurate for a size budget.
+    """
+
+    def __init__(self, config: BudgetConfig, initial_weight: float) -> None:
+        self.config = config
+        self.controller = BudgetController(config, initial_weight)
+        self.best_state: dict[str, Any] | None = None
+        self.best: dict[str, float] | None = None  # metric, bytes, bits_per_weight, drop, step of the state kept
+        self.closest: dict[str, float] | None = None  # the check nearest the budget, when none met it
+
+    def observe(
+        self,
+        metric: float,
+        nbytes: float,
+        bits_per_weight: float,
+        step: int,
+        snapshot: Any,
+        steer: bool = True,
+    ) -> Check:
+        """One check (see the class docstring). ``steer=False``: the weight stays (the cool-down)."""
+        size = nbytes if self.config.target_bytes is not None else bits_per_weight
+        check = self.controller.update(metric, size, steer)
+        if check.warming_up or not math.isfinite(metric):
+            return check
+        seen = {"metric": metric, "bytes": nbytes, "bits_per_weight": bits_per_weight, "drop": check.drop, "step": step}
+        ctl = self.controller
+        max_drop = ctl.config.max_drop
+        if self.best is not None and max_drop is not None and ctl.drop(self.best["metric"]) > max_drop:
+            # the reference rose since that state was kept: by today's reference it is over the budget
+            self.closest, self.best, self.best_state = {**self.best, "slack": math.nan}, None, None
+        if check.within:
+            if self.best is None or self._preferred(metric, nbytes):
+                self.best, self.best_state = seen, snapshot()
+        elif self.best is None and (self.closest is None or not check.slack <= self.closest["slack"]):
+            self.closest = {**seen, "slack": check.slack}
+        return check
+
+    def start_over(self) -> None:
+        """Forgets the state kept (the cool-down: from now on only states at the final precision compete); the state
+        that was kept is remembered as :attr:`closest` in case none of the new ones meets the budget."""
+        if self.best is not None:
+            self.closest = {**self.best, "slack": math.nan}
+        self.best, self.best_state = None, None
+
+    def _preferred(self, metric: float, nbytes: float) -> bool:
+        """Whether a state within the budget beats the one kept: for an accuracy budget, smaller (by more than 1 %),
+        or as small and better; for a size budget, better."""
+        assert self.best is not None
+        better = self.controller._better(metric, self.best["metric"])
+        if self.config.kind != "accuracy":
+            return better
+        return nbytes < 0.99 * self.best["bytes"] or (nbytes <= 1.01 * self.best["bytes"] and better)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "controller": self.controller.state_dict(),
+            "best": self.best,
+            "best_state": self.best_state,
+            "closest": self.closest,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.controller.load_state_dict(state["controller"])
+        self.best, self.best_state, self.closest = state["best"], state["best_state"], state["closest"]

@@ -5,12 +5,14 @@ checkpoint weights load) and attaches to the module's mixin; ``on_fit_start`` gi
 group of their own (:mod:`.optim`); ``on_train_start``/``on_train_epoch_start``/``on_train_batch_start`` drive the
 preservation set (:mod:`.preservation.lifecycle`); each training step, the mixin asks :meth:`compression_terms`;
 ``on_validation_epoch_end`` (``on_train_epoch_end`` without validation) measures the preservation set, restores or
-prunes (:mod:`.feedback`) and logs size metrics.
+prunes (:mod:`.feedback`) and logs size metrics; ``on_validation_end`` (the epoch's metrics logged by then) steers the
+size penalty to a budget and keeps the best state within it (:mod:`.budget_hooks`, with a budget only).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -23,9 +25,18 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from lightning_sgsc.budget_hooks import BudgetHooks
 from lightning_sgsc.config import FeedbackConfig, LossWeights, QuantizationConfig, Schedule, check_int
 from lightning_sgsc.errors import SGSCRuntimeError, SGSCTypeError, describe_rule
-from lightning_sgsc.feedback import Action, FeedbackPolicy, apply_decision, mask_pruned_grads_
+from lightning_sgsc.feedback import (
+    Action,
+    FeedbackPolicy,
+    apply_decision,
+    low_bit_channels,
+    mask_pruned_grads_,
+    raise_precision_,
+    select_top,
+)
 from lightning_sgsc.losses import l1_term, weighted_sum
 from lightning_sgsc.mixin import SafetyGuidedMixin
 from lightning_sgsc.norms import eval_mode
@@ -76,6 +87,10 @@ class SafetyGuidedQuantization(Callback):
         preservation_loss: ``"distill"`` (keep the compressed model's outputs on the set those of its float weights)
             or ``"labels"`` (cross entropy on the set's labels, the paper's term); see the README.
         distill_temperature: softmax temperature of the distillation term.
+        max_drop, monitor, mode, drop_type, reference_value, target_bytes, target_bits_per_weight,
+            budget_warmup_checks, cooldown_fraction, keep_best: a budget instead of a fixed size penalty (``bit_weight``
+            is then the starting weight); see :class:`~lightning_sgsc.budget_hooks.BudgetHooks` and the README's
+            "Set a budget".
 
     Example::
 
@@ -114,6 +129,16 @@ class SafetyGuidedQuantization(Callback):
         recalibrate_norms: bool = True,
         preservation_loss: str = "distill",
         distill_temperature: float = 1.0,
+        max_drop: float | None = None,
+        monitor: str | None = None,
+        mode: str | None = None,
+        drop_type: str = "absolute",
+        reference_value: float | None = None,
+        target_bytes: int | None = None,
+        target_bits_per_weight: float | None = None,
+        budget_warmup_checks: int = 1,
+        cooldown_fraction: float = 0.0,
+        keep_best: bool = True,
     ) -> None:
         super().__init__()
         self.quant_config = QuantizationConfig(
@@ -135,6 +160,10 @@ class SafetyGuidedQuantization(Callback):
         self.quantizer_lr, self.recalibrate_norms = float(quantizer_lr), bool(recalibrate_norms)
         self.seed, self.max_history = seed, max_history
         self.policy = FeedbackPolicy(self.feedback_config)
+        self.budget = BudgetHooks(  # the budget arguments, in their order
+            *(max_drop, monitor, mode, drop_type, reference_value, target_bytes, target_bits_per_weight),
+            *(budget_warmup_checks, cooldown_fraction, keep_best, bit_weight),
+        )
         self.history: list[dict[str, Any]] = []
         self.swapped_layers: list[str] = []
         self._layers: list[QuantizedLayer] = []
@@ -205,6 +234,7 @@ class SafetyGuidedQuantization(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self.preservation.note_batch(trainer, batch)
+        self.budget.maybe_cool_down(trainer, pl_module, self.loss_weights)
 
     # ---------------------------------------------------------------------------------------------- loss terms
 
@@ -245,12 +275,18 @@ class SafetyGuidedQuantization(Callback):
         self._feedback(trainer, pl_module)
 
     @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":  # the epoch's metrics are in callback_metrics
+            self._budget_check(trainer, pl_module)
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Validation (when there is one) ran before this hook; without a validation loop, or with one that has no
-        # batches, the feedback runs here instead, once per epoch.
+        # batches, the feedback (and the budget) run here instead, once per epoch.
         no_validation = not trainer.enable_validation or sum(trainer.num_val_batches) == 0
         if no_validation and self._feedback_epoch != trainer.current_epoch:
             self._feedback(trainer, pl_module)
+            self._budget_check(trainer, pl_module)
 
     def measure_preservation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
         """The preservation metric of the model as it is now (:meth:`PreservationManager.metric`)."""
@@ -258,10 +294,12 @@ class SafetyGuidedQuantization(Callback):
 
     def _feedback(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._feedback_epoch = trainer.current_epoch
-        if self.preservation.set is not None:
+        if self.preservation.set is not None and not self.budget.cooling:
             metric = self.measure_preservation(trainer, pl_module)
             decision = self.policy.decide(metric, self.preservation.noise)
-            if decision.action is Action.SKIP:
+            if decision.action is Action.PRUNE and self.budget.violated:  # over the budget: nothing becomes permanent
+                decision = dataclasses.replace(decision, action=Action.SKIP)
+            if decision.action is Action.SKIP and not math.isfinite(metric):
                 rank_zero_warn(f"[sgsc] preservation metric is {metric}; skipping restore/prune this time.")
             scores = lambda: trainer.strategy.broadcast(self._restore_scores(pl_module), src=0)  # noqa: E731
             with eval_mode(pl_module):
@@ -274,10 +312,35 @@ class SafetyGuidedQuantization(Callback):
             event = dataclasses.replace(event, epoch=trainer.current_epoch, step=trainer.global_step)
             self.history = [*self.history, event.as_dict()][-self.max_history :]
             pl_module.log_dict({f"sgsc/{k}": float(v) for k, v in event.metrics().items()})
-        pl_module.log_dict(size_metrics(model_size(pl_module)))
+        pl_module.log_dict({**size_metrics(model_size(pl_module)), **self.budget.metrics()})
 
-    def _restore_scores(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        return self.preservation.restore_scores(pl_module, self.feedback_config.restore_bits)
+    def _budget_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.budget.check(trainer, pl_module, self.history, self.loss_weights, lambda: self._repair(trainer, pl_module))
+
+    def _restore_scores(self, pl_module: pl.LightningModule, bits: float | None = None) -> dict[str, Tensor]:
+        return self.preservation.restore_scores(pl_module, self.feedback_config.restore_bits if bits is None else bits)
+
+    def _repair(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        """Over the accuracy budget: ``restore_fraction`` of the channels at ``restore_bits`` bits or fewer (zero-bit
+        ones included) back to ``restore_bits + 2`` bits, those whose requantization lowers the preservation set's
+        label loss the most (first-order estimate); needs the preservation set. Returns the channels changed."""
+        if self.preservation.set is None:
+            return 0
+        config = self.feedback_config
+        bits = config.restore_bits + 2.0
+        candidates = low_bit_channels(pl_module, config.restore_bits)
+        if not any(bool(m.any()) for m in candidates.values()):
+            return 0
+        with eval_mode(pl_module):
+            scores = trainer.strategy.broadcast(self._restore_scores(pl_module, bits), src=0)
+            changed = raise_precision_(pl_module, select_top(scores, candidates, config.restore_fraction), bits)
+        if changed and self.recalibrate_norms:
+            self.preservation.recalibrate(pl_module)
+        return changed
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.budget.on_fit_end(pl_module)
 
     # ----------------------------------------------------------------------------------------------- state
 
@@ -288,6 +351,7 @@ class SafetyGuidedQuantization(Callback):
             "history": [dict(e) for e in self.history],
             "swapped_layers": list(self.swapped_layers),
             "preservation": self.preservation.state_dict(),
+            "budget": self.budget.state_dict(),
         }
 
     @override
@@ -296,3 +360,4 @@ class SafetyGuidedQuantization(Callback):
         self.history = [dict(e) for e in state_dict["history"]]
         legacy = {k[13:]: v for k, v in state_dict.items() if k.startswith("preservation_")}  # written by 0.1
         self.preservation.load_state_dict(state_dict.get("preservation", legacy))
+        self.budget.load_state_dict(state_dict.get("budget"), self.loss_weights)

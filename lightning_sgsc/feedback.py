@@ -166,6 +166,25 @@ def restore_channels_(model: nn.Module, selection: Masks, bits: float) -> int:
     return total
 
 
+@torch.no_grad()
+def low_bit_channels(model: nn.Module, max_bits: float) -> Masks:
+    """Per layer, the channels at ``max_bits`` bits or fewer (zero included) that are not pruned: what a repair of
+    lost accuracy can give precision back to."""
+    return {name: (layer.bits <= max_bits) & ~layer.pruned for name, layer in quantized_layers(model)}
+
+
+@torch.no_grad()
+def raise_precision_(model: nn.Module, selection: Masks, bits: float) -> int:
+    """Brings the selected channels up to ``bits`` bits (never down), with exponents that clip none of their
+    weights. Returns the number of channels changed."""
+    total = 0
+    for layer, mask in _selected(model, selection):
+        layer.bits[mask] = torch.clamp(layer.bits[mask], min=float(bits))
+        layer.exponent[mask] = init_exponent(layer.weight[mask], bits).to(layer.exponent.dtype)
+        total += int(mask.sum())
+    return total
+
+
 def restore_candidates_value(layer: QuantizedLayer, bits: float) -> Tensor:
     """The weights channel by channel would get if restored at ``bits`` bits (used to score restores)."""
     with torch.no_grad():
@@ -197,9 +216,10 @@ def probe_weight_grads(model: nn.Module) -> Iterator[dict[str, Tensor]]:
 def taylor_restore_scores(
     model: nn.Module, batches: Iterable[Any], bits: float, loss: Callable[[Any], Tensor] | None = None
 ) -> dict[str, Tensor]:
-    """``|sum_i g_ci * w_ci|`` per channel: first-order change of the loss summed over ``batches`` (``loss(batch)``,
-    default ``model.preservation_step``) if channel c came back at ``bits``; ``g`` is the loss's gradient at the
-    quantized weights (:func:`probe_weight_grads`)."""
+    """``|sum_i g_ci * (w'_ci - w_ci)|`` per channel: first-order change of the loss summed over ``batches``
+    (``loss(batch)``, default ``model.preservation_step``) if channel c were requantized at ``bits`` (``w'``) from its
+    quantized weights now (``w``; 0 for a zero-bit channel); ``g`` is the loss's gradient at the quantized weights
+    (:func:`probe_weight_grads`)."""
     loss_fn: Callable[[Any], Tensor] = loss if loss is not None else model.preservation_step  # type: ignore[assignment]
     with torch.inference_mode(False), torch.enable_grad(), probe_weight_grads(model) as grads:
         probes = [layer._weight_probe for _, layer in quantized_layers(model)]
@@ -207,7 +227,8 @@ def taylor_restore_scores(
             loss_fn(batch).backward(inputs=probes)
     scores = {}
     for name, layer in quantized_layers(model):
-        value = restore_candidates_value(layer, bits).float()
+        with torch.no_grad():  # the change of the quantized weight (zero-bit channels: from 0)
+            value = (restore_candidates_value(layer, bits) - layer.quantized_weight()).float()
         g = grads[name].float()
         scores[name] = (g * value).reshape(value.shape[0], -1).sum(dim=1).abs()
     return scores

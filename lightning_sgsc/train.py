@@ -127,6 +127,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             kept_alive_channels=sum(e.get("kept_alive", 0) for e in callback.history),
             feedback=callback.history,
             preservation_metric=callback.history[-1]["metric"] if callback.history else None,
+            budget=callback.budget.summary(),
         )
         if cfg.export:  # the artifact itself, next to its result: what was measured is what the user ships
             artifact = results_dir / f"{cfg.run_name}.sgsc"

@@ -7,8 +7,9 @@ import math
 import random
 
 import pytest
+import torch
 
-from lightning_sgsc.budget import BudgetConfig, BudgetController
+from lightning_sgsc.budget import BudgetConfig, BudgetController, BudgetTracker
 from lightning_sgsc.errors import SGSCValueError
 
 
@@ -39,7 +40,7 @@ def test_it_converges_to_the_budget_and_neither_oscillates_nor_collapses_on_nois
 
 
 def test_a_metric_that_never_moves_lets_the_weight_grow_and_a_violation_lowers_it_fast():
-    ctl = BudgetController(BudgetConfig(max_drop=0.02, reference=0.95), initial_weight=0.01)
+    ctl = BudgetController(BudgetConfig(max_drop=0.02, reference=0.95, warmup=0), initial_weight=0.01)
     for _ in range(5):
         ctl.update(0.95)
     assert ctl.weight > 0.01 * math.exp(5 * 0.5) * 0.99
@@ -48,18 +49,38 @@ def test_a_metric_that_never_moves_lets_the_weight_grow_and_a_violation_lowers_i
     assert ctl.weight < high * math.exp(-0.5)
 
 
+def test_a_model_still_improving_is_not_lowered_for_being_below_the_budget():
+    # a model learning (or recovering after bit depths changed) is below the reference for a while: no panic
+    ctl = BudgetController(BudgetConfig(max_drop=0.01, reference=0.95, warmup=1, smoothing=0.0), 0.1)
+    for value in (0.80, 0.85, 0.90, 0.93):  # far below the budget, rising (the first check: the warm-up)
+        ctl.update(value)
+    assert ctl.weight == pytest.approx(0.1)
+    ctl.update(0.90)  # below the budget and no longer rising: down
+    assert ctl.weight < 0.1
+
+
+def test_the_reference_rises_with_a_better_smoothed_value_when_none_is_given():
+    ctl = BudgetController(BudgetConfig(max_drop=0.01, warmup=1, smoothing=0.0), 0.1)
+    ctl.update(0.90)
+    assert ctl.reference == pytest.approx(0.90)
+    ctl.update(0.95)  # the compressed model beats the warm-up: the float model would too
+    assert ctl.reference == pytest.approx(0.95)
+    ctl.update(0.80)
+    assert ctl.reference == pytest.approx(0.95)  # never lowered
+
+
 def test_the_warm_up_runs_without_the_size_term_and_sets_the_reference():
     ctl = BudgetController(BudgetConfig(max_drop=0.01, warmup=2), initial_weight=0.05)
     assert ctl.weight == 0.0
     ctl.update(0.90)
     check = ctl.update(0.92)
-    assert check.warming_up and ctl.reference == pytest.approx(0.91)  # the best smoothed value
+    assert check.warming_up and ctl.reference == pytest.approx(0.91)  # the best smoothed value so far
     assert ctl.weight == pytest.approx(0.05)
     assert not ctl.update(0.80).warming_up
 
 
 def test_relative_drops_and_min_mode():
-    ctl = BudgetController(BudgetConfig(max_drop=0.1, drop_type="relative", mode="min", reference=2.0), 0.01)
+    ctl = BudgetController(BudgetConfig(max_drop=0.1, drop_type="relative", mode="min", reference=2.0, warmup=0), 0.01)
     assert ctl.drop(2.1) == pytest.approx(0.05) and ctl.drop(1.9) == pytest.approx(-0.05)
     assert ctl.update(2.1).within and not ctl.update(3.0).within
 
@@ -112,3 +133,100 @@ def test_bad_budgets_are_refused_with_the_argument_named(kwargs, match):
 def test_a_budget_needs_a_positive_starting_weight():
     with pytest.raises(SGSCValueError, match=r"`bit_weight` must be a constant > 0 with a budget"):
         BudgetController(BudgetConfig(max_drop=0.01, reference=0.9), 0.0)
+
+
+# ------------------------------------------------------------------------------------------------ in a fit
+
+
+def _digits_fit(tmp_path, **callback_kwargs):
+    import lightning.pytorch as pl
+
+    from lightning_sgsc import SafetyGuidedQuantization
+    from lightning_sgsc.examples import ClassifierModule, DigitsCNN, DigitsDataModule
+
+    pl.seed_everything(0, verbose=False)
+    data = DigitsDataModule(seed=0)
+    module = ClassifierModule(DigitsCNN(), lr=3e-3)
+    cb = SafetyGuidedQuantization(init_bits=8, init_headroom=0, quantizer_lr=0.05, seed=0, **callback_kwargs)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=16, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[cb],
+    )  # fmt: skip
+    trainer.fit(module, data)
+    val = trainer.validate(module, data, verbose=False)[0]["val/acc"]
+    return cb, val
+
+
+@pytest.mark.slow
+def test_a_fixed_penalty_overshoots_the_budget_and_the_budgeted_run_does_not(tmp_path):
+    budgeted, val = _digits_fit(
+        tmp_path, bit_weight=1.0, max_drop=0.03, monitor="val/acc", mode="max", budget_warmup_checks=6
+    )
+    reference = budgeted.budget.tracker.controller.reference
+    assert reference is not None and budgeted.budget.tracker.best is not None
+    assert val >= reference - 0.03 - 1e-6  # the module holds the smallest state within the budget
+    _, fixed_val = _digits_fit(tmp_path, bit_weight=1.0)
+    assert fixed_val < reference - 0.03  # the same starting penalty, held fixed, goes past it
+
+
+def test_bad_budget_arguments_on_the_callback():
+    from lightning_sgsc import SafetyGuidedQuantization
+
+    with pytest.raises(SGSCValueError, match=r"`mode` must be 'max' or 'min' exactly when `monitor` is given"):
+        SafetyGuidedQuantization(max_drop=0.01, monitor="val/acc")
+    with pytest.raises(SGSCValueError, match=r"`mode` must be 'max' or 'min' exactly when `monitor` is given"):
+        SafetyGuidedQuantization(max_drop=0.01, mode="max")
+    with pytest.raises(SGSCValueError, match=r"`bit_weight` must be a constant > 0 \(the budget's starting weight\)"):
+        SafetyGuidedQuantization(max_drop=0.01, bit_weight=lambda epoch: 0.1)
+    with pytest.raises(SGSCValueError, match=r"`cooldown_fraction` must be in \[0, 1\]"):
+        SafetyGuidedQuantization(cooldown_fraction=1.5)
+
+
+def test_a_monitor_that_is_never_logged_is_named_with_what_is(tmp_path):
+    from lightning_sgsc import SafetyGuidedQuantization
+    from tests.helpers.models import TinyClassifier, cpu_trainer
+
+    cb = SafetyGuidedQuantization(max_drop=0.01, monitor="val/accuracy", mode="max", preservation_warmup_epochs=0)
+    with pytest.raises(SGSCValueError, match=r"`monitor` must be a metric the validation loop logs \(\[.*'val/acc'"):
+        cpu_trainer(tmp_path, [cb], max_epochs=1).fit(TinyClassifier())
+
+
+# ------------------------------------------------------------------------------------------------ the best state
+
+
+def test_the_tracker_keeps_the_smallest_state_within_the_budget_and_forgets_it_at_the_cool_down():
+    tracker = BudgetTracker(BudgetConfig(max_drop=0.02, reference=0.95, warmup=0, smoothing=0.0), 0.01)
+    tracker.observe(0.95, 1000, 4.0, 1, lambda: "a")
+    tracker.observe(0.945, 800, 3.0, 2, lambda: "b")  # smaller and within
+    tracker.observe(0.93, 500, 2.0, 3, lambda: "c")  # smaller, at the budget but not beyond the noise
+    assert tracker.best_state == "b" and tracker.best is not None and tracker.best["bytes"] == 800
+    tracker.start_over()  # the cool-down: only states at the final precision compete now
+    assert tracker.best_state is None and tracker.closest is not None and tracker.closest["bytes"] == 800
+    check = tracker.observe(0.95, 500, 2.0, 4, lambda: "d", steer=False)
+    assert tracker.best_state == "d" and check.weight == tracker.controller.weight  # judged, not steered
+
+
+def test_a_kept_state_is_dropped_when_the_reference_rises_past_it():
+    tracker = BudgetTracker(BudgetConfig(max_drop=0.02, warmup=1, smoothing=0.0), 0.01)
+    tracker.observe(0.90, 1000, 4.0, 1, lambda: "warm-up")
+    tracker.observe(0.895, 800, 3.0, 2, lambda: "b")
+    assert tracker.best_state == "b"
+    tracker.observe(0.95, 900, 3.5, 3, lambda: "c")  # the reference is now 0.95: "b" is 5.5 points below it
+    assert tracker.best_state is None and tracker.closest is not None  # nothing within it is kept
+
+
+def test_over_the_budget_the_loop_prunes_nothing_and_low_bit_channels_get_precision_back(tmp_path):
+    from tests.helpers.models import TinyClassifier, aggressive_callback, cpu_trainer
+
+    torch.manual_seed(0)
+    # an unreachable reference: every check after the warm-up is over the budget
+    budget = dict(max_drop=0.01, monitor="val/acc", mode="max", reference_value=1.5, budget_warmup_checks=1)
+    cb = aggressive_callback(**budget)
+    cpu_trainer(tmp_path, [cb], max_epochs=4).fit(TinyClassifier(lr=0.05))
+    checks = cb.budget.history
+    assert checks[0]["warming_up"] and not any(c["warming_up"] for c in checks[1:])
+    assert all(c["slack"] < 0 for c in checks[1:]) and sum(c["repaired"] for c in checks) > 0
+    assert checks[-1]["weight"] < checks[1]["weight"]  # the controller lowered the size penalty
+    after_warm_up = [e for e in cb.history if e["epoch"] >= 2]  # the feedback of epoch e sees check e - 1's verdict
+    assert after_warm_up and all(e["pruned"] == 0 and e["action"] != "prune" for e in after_warm_up)
+    assert cb.budget.tracker is not None and cb.budget.tracker.best is None  # nothing met it: nothing was kept

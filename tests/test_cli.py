@@ -36,6 +36,9 @@ def test_fit_with_the_callback_from_flags(tmp_path):
     run = _sgsc(
         *DIGITS_FIT,
         "--trainer.callbacks.init_bits=4",
+        "--trainer.callbacks.max_drop=0.01",  # a budget, from flags as every other argument
+        "--trainer.callbacks.monitor=val/acc",
+        "--trainer.callbacks.mode=max",
         "--trainer.fast_dev_run=true",
         "--trainer.accelerator=cpu",
         "--trainer.enable_progress_bar=false",
@@ -61,7 +64,7 @@ trainer:
   enable_progress_bar: false
   callbacks:
     - class_path: lightning_sgsc.SafetyGuidedQuantization
-      init_args: {init_bits: 6, bit_weight: 0.2, exclude: ["net.fc"]}
+      init_args: {init_bits: 6, bit_weight: 0.2, exclude: ["net.fc"], max_drop: 0.02, monitor: val/loss, mode: min}
 """
     )
     run = _sgsc("fit", "--config", "cfg.yaml", cwd=tmp_path)

@@ -69,7 +69,7 @@ def _fast(tmp_path, experiment, extra=()):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["default", "unsafe", "float"])
+@pytest.mark.parametrize("variant", ["default", "unsafe", "float", "budget"])
 def test_fashion_cnn_experiment_runs(tmp_path, variant):
     root = write_mnist_like(tmp_path / "fashion")
     result = _fast(

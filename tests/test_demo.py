@@ -12,27 +12,40 @@ def test_demo_runs_end_to_end_and_writes_the_json(tmp_path, capsys):
     from lightning_sgsc.demo import main
 
     out = tmp_path / "demo.json"
-    result = main(["--epochs", "2", "--json", str(out), "--onnx", str(tmp_path / "demo.onnx")])
+    result = main(
+        ["--epochs", "2", "--compress-epochs", "2", "--json", str(out), "--onnx", str(tmp_path / "demo.onnx")]
+    )
     written = json.loads(out.read_text())
-    keys = ("float_acc", "compressed_acc", "float_bytes", "compressed_bytes", "bits_per_weight", "kept_alive_channels")
+    keys = ("float_acc", "compressed_acc", "float_bytes", "compressed_bytes", "bits_per_weight", "float_val_acc")
     for key in keys:
         assert key in written
     assert written["float_bytes"] == 24_360  # 6,090 float32 parameters
     assert 0 < written["compressed_bytes"] < written["float_bytes"]
     assert written["compressed_bytes"] >= written["compressed_estimate_bytes"]  # the file: estimate plus header
     assert result["float_acc"] == written["float_acc"]
+    # the budget's reference is the float model's validation accuracy, measured on the validation split
+    assert written["settings"]["reference_value"] == written["float_val_acc"]
+    assert written["settings"]["max_drop"] == 0.0075 and written["settings"]["monitor"] == "val/acc"
     printed = capsys.readouterr().out
     assert "float32" in printed and "sgsc" in printed and "kept/total" in printed
     assert written["onnx_bytes"] == (tmp_path / "demo.onnx").stat().st_size  # the ONNX file, its size printed
     assert f"{written['onnx_bytes']:,} bytes" in printed and f"{written['compressed_bytes']:,} bytes" in printed
 
 
-def test_demo_rejects_bad_epochs(capsys):
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "0"], "`--epochs` must be >= 1, got 0."),
+        (["--compress-epochs", "0"], "`--compress-epochs` must be >= 1, got 0."),
+        (["--max-drop", "5"], "`--max-drop` must be in (0, 1) (accuracy, absolute), got 5.0."),
+    ],
+)
+def test_demo_rejects_bad_arguments(capsys, argv, message):
     from lightning_sgsc.demo import main
 
     with pytest.raises(SystemExit):
-        main(["--epochs", "0"])
-    assert "`--epochs` must be >= 1, got 0." in capsys.readouterr().err
+        main(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_size_report_prints_and_returns_the_figures(capsys):

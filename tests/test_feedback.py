@@ -12,8 +12,10 @@ from lightning_sgsc.feedback import (
     FeedbackPolicy,
     apply_decision,
     enforce_min_channels,
+    low_bit_channels,
     mask_pruned_grads_,
     prune_channels_,
+    raise_precision_,
     select_top,
     taylor_restore_scores,
     zero_bit_channels,
@@ -178,3 +180,28 @@ def test_the_noise_margin_is_two_standard_errors_of_the_difference_of_two_measur
     trainer = SimpleNamespace(strategy=SimpleNamespace(broadcast=lambda value, src=0: value))
     assert manager.metric(trainer, Judged(), recalibrate=False) == 0.9
     assert manager.noise == pytest.approx(2 * (2 * 0.9 * 0.1 / 400) ** 0.5)  # 0.0424: 2 SE of one would be 0.03
+
+
+def test_a_repair_raises_the_low_bit_channel_whose_requantization_helps_the_loss_most():
+    # over the budget, precision goes back to 1- and 2-bit channels too, not only zero-bit ones
+    torch.manual_seed(0)
+    net = TinyConvNet()
+    quantize_(net, init_bits=6)
+    head, conv = net.head, net.features[0]
+    x = torch.randn(32, 1, 8, 8)
+    with torch.no_grad():
+        y = net(x).argmax(-1)
+        head.bits[:] = torch.tensor([1.0, 2.0, 6.0])  # a 1-bit channel, a 2-bit one, a 6-bit one (no candidate)
+        head.weight[1] *= 0.01  # the 2-bit channel hardly matters to the loss
+        conv.bits[:2] = torch.tensor([0.0, 0.0])
+        conv.pruned[1] = True  # pruned: never a candidate
+    candidates = low_bit_channels(net, max_bits=2.0)
+    assert candidates["head"].tolist() == [True, True, False]
+    assert candidates["features.0"][:2].tolist() == [True, False]
+    scores = taylor_restore_scores(net, [(x, y)], bits=4, loss=lambda b: nn.functional.cross_entropy(net(b[0]), b[1]))
+    chosen = select_top({"head": scores["head"]}, {"head": candidates["head"]}, fraction=0.5)
+    assert chosen["head"].tolist() == [True, False, False]  # the channel the loss depends on
+    assert raise_precision_(net, chosen, bits=4) == 1
+    assert head.bits.tolist() == [4.0, 2.0, 6.0]
+    raise_precision_(net, {"head": torch.tensor([False, False, True])}, bits=4)
+    assert head.bits.tolist() == [4.0, 2.0, 6.0]  # raising never lowers a channel above the target

@@ -28,4 +28,5 @@ def test_two_ranks_end_identical(tmp_path):
     for key, value in r0["state"].items():
         assert torch.equal(value, r1["state"][key]), key
     assert r0["history"] == r1["history"] and r0["indices"] == r1["indices"]
+    assert r0["budget"] == r1["budget"] and r0["bit_weight"] == r1["bit_weight"]  # one controller for all ranks
     assert any(e["pruned"] or e["restored"] for e in r0["history"])
