@@ -1,22 +1,28 @@
 """Budgets: the smallest model whose metric stays within a stated drop, or the best one within a stated size.
 
 Pure logic, no Trainer in here. :class:`BudgetController` is a controller on the size-penalty weight (``bit_weight``,
-the Lagrange multiplier of the budget), updated once per check, in log space:
+the Lagrange multiplier of the budget), updated once per check, in log space. A small controller of our own rather
+than Cooper's dual optimizers: the constraint is judged once per validation on a noisy metric, not per step on a
+differentiable one, and what it needs (a dead band of the noise, patience while the model improves, a cool-down, the
+best state kept) is a few lines of plain Python that checkpoint as numbers.
 
-* **accuracy budget** (``max_drop``): the slack is ``max_drop - drop`` where ``drop`` is how much worse the metric
-  is than the reference (absolute, or relative to it). Room left raises the weight (compress more), a violation
-  lowers it twice as fast (safety first). The metric is smoothed (an exponential moving average) and its noise
-  estimated from successive differences; a slack within that noise changes nothing, so a noisy metric neither makes
-  the weight oscillate nor collapses it.
+* **accuracy budget** (``max_drop``): the slack is ``max_drop - drop``, ``drop`` being how much worse the smoothed
+  metric (an exponential moving average) is than the reference (absolute, or relative to it). Room beyond the noise
+  raises the weight (compress more); a violation beyond the noise lowers it twice as fast (safety first), unless the
+  metric is still improving (a model that is learning, or recovering after its bit depths moved, is not punished for
+  being below the reference yet); within the noise the weight holds, so a noisy metric neither makes it oscillate nor
+  collapses it. The noise is estimated from successive differences of the metric.
 * **size budget** (``target_bytes`` / ``target_bits_per_weight``): the slack is the share of the target left;
   over the target the weight rises, well under it the weight falls (the most accurate model within that size).
 
-Each step is ``step * clip(slack / scale, -1, 1)`` in ``log(weight)`` (doubled when lowering for an accuracy
-violation), the weight stays within ``[weight0 / 1000, weight0 * 1000]``. Without a ``reference``, the first
-``warmup`` checks (the size term off) establish it: the best smoothed value seen then.
+Each step is ``step * min(1, |slack| / max_drop)`` in ``log(weight)``; the weight stays within ``[weight0 / 1000,
+weight0 * 1000]``. The first ``warmup`` checks train without the size term. Without a ``reference`` the best smoothed
+value seen stands for the float model's: set during the warm-up, raised (never lowered) by any later better value.
 
-:meth:`BudgetController.within` says whether a check met the budget *with a margin of the measurement's noise*, so
-the best state kept is not one lucky measurement (winner's curse); the state dicts round-trip for exact resume.
+A check is *within* the budget when its measurement is and its smoothed value is by a margin of the noise, so the
+state kept is not one lucky measurement (winner's curse). :class:`BudgetTracker` keeps the smallest such state (for a
+size budget: the most accurate); :meth:`BudgetTracker.start_over` makes only later states compete (the cool-down).
+The state dicts round-trip for exact resume.
 """
 
 from __future__ import annotations

@@ -26,18 +26,20 @@ class BudgetHooks:
     set; the cool-down works with or without one).
 
     Args:
-        max_drop: the largest allowed drop of ``monitor`` below ``reference_value``: the smallest model within it.
+        max_drop: the largest allowed drop of ``monitor`` below the reference: the smallest model within it.
         monitor: a metric the validation loop logs (``"val/acc"``); ``None``: the preservation metric.
         mode: ``"max"`` or ``"min"``: whether a larger ``monitor`` is better (required with ``monitor``).
         drop_type: ``"absolute"`` (in the metric's units) or ``"relative"`` (a share of the reference).
-        reference_value: the float model's value; ``None``: the best smoothed value of the first
-            ``budget_warmup_checks`` checks, trained without the size term.
+        reference_value: the float model's value, when known (e.g. its validation accuracy); ``None``: the best
+            smoothed value seen, from the warm-up on (see :mod:`lightning_sgsc.budget`).
         target_bytes: a size budget: the most accurate model of at most these bytes.
         target_bits_per_weight: a size budget in average bits per weight instead.
-        budget_warmup_checks: checks that establish the reference when it is not given.
+        budget_warmup_checks: checks trained without the size term first (at least 1 without ``reference_value``).
         cooldown_fraction: the last share of training steps with the size term off, ``bits``/``exponent`` frozen and no
-            restore or prune, so the weights settle at their final precision.
-        keep_best: at fit end the module holds the best state within the budget (else the last one).
+            restore or prune, so the weights settle at their final precision; with a budget, only the cool-down's
+            checks compete for the state held at fit end.
+        keep_best: at fit end the module holds the best state within the budget (else the last one); if no state
+            met it, a warning names the closest one seen and the module keeps its last state.
         bit_weight: the callback's ``bit_weight``: the controller's starting weight (a constant > 0 with a budget).
     """
 
