@@ -59,6 +59,14 @@ class BudgetHooks:
     ) -> None:
         if (monitor is None) != (mode is None):
             raise SGSCValueError(describe_rule("mode", "'max' or 'min' exactly when `monitor` is given", mode))
+        if max_drop is None and target_bytes is None and target_bits_per_weight is None:
+            for name, value in (("monitor", monitor), ("reference_value", reference_value)):
+                if value is not None:  # nothing is silently ignored
+                    raise SGSCValueError(
+                        describe_rule(
+                            name, "None without a budget (max_drop, target_bytes or target_bits_per_weight)", value
+                        )
+                    )
         config = BudgetConfig(
             max_drop,
             drop_type,

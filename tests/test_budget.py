@@ -178,6 +178,10 @@ def test_bad_budget_arguments_on_the_callback():
         SafetyGuidedQuantization(max_drop=0.01, mode="max")
     with pytest.raises(SGSCValueError, match=r"`bit_weight` must be a constant > 0 \(the budget's starting weight\)"):
         SafetyGuidedQuantization(max_drop=0.01, bit_weight=lambda epoch: 0.1)
+    with pytest.raises(SGSCValueError, match=r"`monitor` must be None without a budget \(max_drop, target_bytes"):
+        SafetyGuidedQuantization(monitor="val/acc", mode="max")
+    with pytest.raises(SGSCValueError, match=r"`reference_value` must be None without a budget"):
+        SafetyGuidedQuantization(reference_value=0.9)
     with pytest.raises(SGSCValueError, match=r"`cooldown_fraction` must be in \[0, 1\]"):
         SafetyGuidedQuantization(cooldown_fraction=1.5)
 
