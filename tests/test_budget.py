@@ -226,7 +226,9 @@ def test_over_the_budget_the_loop_prunes_nothing_and_low_bit_channels_get_precis
     # an unreachable reference: every check after the warm-up is over the budget
     budget = dict(max_drop=0.01, monitor="val/acc", mode="max", reference_value=1.5, budget_warmup_checks=1)
     cb = aggressive_callback(**budget)
-    cpu_trainer(tmp_path, [cb], max_epochs=4).fit(TinyClassifier(lr=0.05))
+    trainer = cpu_trainer(tmp_path, [cb], max_epochs=4)
+    trainer.fit(TinyClassifier(lr=0.05))
+    assert {"sgsc/bit_weight", "sgsc/budget_slack", "sgsc/repaired_channels"} <= set(trainer.callback_metrics)
     checks = cb.budget.history
     assert checks[0]["warming_up"] and not any(c["warming_up"] for c in checks[1:])
     assert all(c["slack"] < 0 for c in checks[1:]) and sum(c["repaired"] for c in checks) > 0
