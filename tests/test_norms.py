@@ -98,22 +98,28 @@ def test_recalibration_gives_the_statistics_of_the_current_weights():
     assert net.stem[1].momentum == 0.1 and net.training  # settings and mode as they were
 
 
-@pytest.mark.slow
-def test_the_preservation_metric_of_a_batch_norm_net_does_not_follow_stale_statistics(tmp_path):
-    # digits, the demo's settings, a residual CNN with BatchNorm: statistics that lag the weights (here made stale on
-    # purpose) move the measured metric by many points; with recalibration it stays within 2 points
-    pl.seed_everything(0, verbose=False)
+def _fit_on_digits(tmp_path, epochs, **overrides):
+    """A residual BatchNorm CNN fitted on digits with the demo's settings, the preservation set built at once."""
     from lightning_sgsc.demo import DEMO_SETTINGS
 
+    pl.seed_everything(0, verbose=False)
     module = ClassifierModule(ResidualBNCNN(), lr=3e-3)
-    cb = SafetyGuidedQuantization(**{**DEMO_SETTINGS, "preservation_warmup_epochs": 0})
+    cb = SafetyGuidedQuantization(**{**DEMO_SETTINGS, "preservation_warmup_epochs": 0, **overrides})
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[cb],
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, DigitsDataModule(seed=0))
+    return module, cb, trainer
+
+
+@pytest.mark.slow
+def test_the_preservation_metric_of_a_batch_norm_net_does_not_follow_stale_statistics(tmp_path):
+    # digits, the demo's settings, a residual CNN with BatchNorm: statistics that lag the weights (here made stale on
+    # purpose) move the measured metric by many points; with recalibration it stays within 2 points
+    module, cb, trainer = _fit_on_digits(tmp_path, epochs=3)
     fresh = cb.measure_preservation(trainer, module)
     norms = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
 
@@ -133,18 +139,7 @@ def test_the_preservation_metric_of_a_batch_norm_net_does_not_follow_stale_stati
 def test_a_restored_channel_gets_statistics_of_its_returning_output(tmp_path):
     # a zero-bit channel's BatchNorm variance is ~0 after recalibration; a restore that kept those statistics would
     # scale the returning channel by ~1/sqrt(eps) in eval mode (the test accuracy fell to 10 % in bench/bn_feedback)
-    pl.seed_everything(0, verbose=False)
-    from lightning_sgsc.demo import DEMO_SETTINGS
-
-    module = ClassifierModule(ResidualBNCNN(), lr=3e-3)
-    cb = SafetyGuidedQuantization(**{**DEMO_SETTINGS, "preservation_warmup_epochs": 0, "restore_fraction": 1.0})
-    trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[cb],
-    )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, DigitsDataModule(seed=0))
+    module, cb, trainer = _fit_on_digits(tmp_path, epochs=1, restore_fraction=1.0)
     conv, norm = module.net.block1.conv1, module.net.block1.bn1
     with torch.no_grad():
         conv.bits[:4] = 0.0  # four channels at zero bits, not pruned
