@@ -230,7 +230,9 @@ class BudgetTracker:
 
     :meth:`observe` takes one check's metric, the model's size and a function returning a copy of the model's
     state; it updates the controller and keeps that copy when the check met the budget beyond doubt and is better than
-    the best kept so far: smaller for an accuracy budget, more accurate for a size budget.
+    the best kept so far: smaller for an accuracy budget, more accurate for a size budget. While no state met it, the
+    check nearest the budget is kept instead (:attr:`closest`, :attr:`closest_state`), so a fit whose budget nothing
+    met can still end on its least bad state rather than its last.
     """
 
     def __init__(self, config: BudgetConfig, initial_weight: float) -> None:
@@ -238,7 +240,8 @@ class BudgetTracker:
         self.controller = BudgetController(config, initial_weight)
         self.best_state: dict[str, Any] | None = None
         self.best: dict[str, float] | None = None  # metric, bytes, bits_per_weight, drop, step of the state kept
-        self.closest: dict[str, float] | None = None  # the check nearest the budget, when none met it
+        self.closest: dict[str, float] | None = None  # the check nearest the budget, while none met it
+        self.closest_state: dict[str, Any] | None = None
 
     def observe(
         self,
@@ -259,20 +262,28 @@ class BudgetTracker:
         max_drop = ctl.config.max_drop
         if self.best is not None and max_drop is not None and ctl.drop(self.best["metric"]) > max_drop:
             # the reference rose since that state was kept: by today's reference it is over the budget
-            self.closest, self.best, self.best_state = {**self.best, "slack": math.nan}, None, None
+            self._demote_best()
         if check.within:
             if self.best is None or self._preferred(metric, nbytes):
                 self.best, self.best_state = seen, snapshot()
+                self.closest_state = None  # a state within the budget exists: the fallback is not needed
         elif self.best is None and (self.closest is None or not check.slack <= self.closest["slack"]):
-            self.closest = {**seen, "slack": check.slack}
+            self.closest, self.closest_state = {**seen, "slack": check.slack}, snapshot()
         return check
+
+    def _demote_best(self) -> None:
+        """The kept state becomes the closest one (the fallback) and no state counts as within the budget."""
+        if self.best is not None:
+            max_drop = self.config.max_drop
+            slack = max_drop - self.best["drop"] if max_drop is not None else math.nan
+            self.closest, self.closest_state = {**self.best, "slack": slack}, self.best_state
+        self.best, self.best_state = None, None
 
     def start_over(self) -> None:
         """Forgets the state kept (the cool-down: from now on only states at the final precision compete); the state
-        that was kept is remembered as :attr:`closest` in case none of the new ones meets the budget."""
-        if self.best is not None:
-            self.closest = {**self.best, "slack": math.nan}
-        self.best, self.best_state = None, None
+        that was kept becomes the :attr:`closest` one, held at the end if none of the new ones meets the budget and
+        none comes nearer to it."""
+        self._demote_best()
 
     def _preferred(self, metric: float, nbytes: float) -> bool:
         """Whether a state within the budget beats the one kept: for an accuracy budget, smaller (by more than 1 %),
@@ -289,8 +300,10 @@ class BudgetTracker:
             "best": self.best,
             "best_state": self.best_state,
             "closest": self.closest,
+            "closest_state": self.closest_state,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.controller.load_state_dict(state["controller"])
         self.best, self.best_state, self.closest = state["best"], state["best_state"], state["closest"]
+        self.closest_state = state.get("closest_state")

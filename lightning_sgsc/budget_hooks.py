@@ -39,7 +39,7 @@ class BudgetHooks:
             restore or prune, so the weights settle at their final precision; with a budget, only the cool-down's
             checks compete for the state held at fit end.
         keep_best: at fit end the module holds the best state within the budget (else the last one); if no state
-            met it, a warning names the closest one seen and the module keeps its last state.
+            met it, a warning names the closest state seen (the least over the budget), which the module then holds.
         bit_weight: the callback's ``bit_weight``: the controller's starting weight (a constant > 0 with a budget).
     """
 
@@ -188,7 +188,13 @@ class BudgetHooks:
         if self.tracker is None:
             return
         if self.tracker.best_state is None:
-            rank_zero_warn(f"[sgsc] no state met the budget; the closest seen: {self.tracker.closest}")
+            held = self.keep_best and self.tracker.closest_state is not None
+            if held:
+                pl_module.load_state_dict(self.tracker.closest_state)
+            rank_zero_warn(
+                f"[sgsc] no state met the budget; the closest seen: {self.tracker.closest}"
+                + ("; the module holds it." if held else "; the module keeps its last state.")
+            )
         elif self.keep_best:
             pl_module.load_state_dict(self.tracker.best_state)
             rank_zero_info(f"[sgsc] the module holds the smallest state within the budget: {self.tracker.best}")

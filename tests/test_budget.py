@@ -206,6 +206,7 @@ def test_the_tracker_keeps_the_smallest_state_within_the_budget_and_forgets_it_a
     assert tracker.best_state == "b" and tracker.best is not None and tracker.best["bytes"] == 800
     tracker.start_over()  # the cool-down: only states at the final precision compete now
     assert tracker.best_state is None and tracker.closest is not None and tracker.closest["bytes"] == 800
+    assert tracker.closest_state == "b"  # held at the end if no state of the cool-down meets the budget
     check = tracker.observe(0.95, 500, 2.0, 4, lambda: "d", steer=False)
     assert tracker.best_state == "d" and check.weight == tracker.controller.weight  # judged, not steered
 
@@ -227,7 +228,7 @@ def test_over_the_budget_the_loop_prunes_nothing_and_low_bit_channels_get_precis
     budget = dict(max_drop=0.01, monitor="val/acc", mode="max", reference_value=1.5, budget_warmup_checks=1)
     cb = aggressive_callback(**budget)
     trainer = cpu_trainer(tmp_path, [cb], max_epochs=4)
-    with pytest.warns(UserWarning, match=r"no state met the budget; the closest seen: \{'metric'"):
+    with pytest.warns(UserWarning, match=r"no state met the budget; the closest seen: \{'metric'.*the module holds it"):
         trainer.fit(TinyClassifier(lr=0.05))
     assert {"sgsc/bit_weight", "sgsc/budget_slack", "sgsc/repaired_channels"} <= set(trainer.callback_metrics)
     checks = cb.budget.history
@@ -236,4 +237,9 @@ def test_over_the_budget_the_loop_prunes_nothing_and_low_bit_channels_get_precis
     assert checks[-1]["weight"] < checks[1]["weight"]  # the controller lowered the size penalty
     after_warm_up = [e for e in cb.history if e["epoch"] >= 2]  # the feedback of epoch e sees check e - 1's verdict
     assert after_warm_up and all(e["pruned"] == 0 and e["action"] != "prune" for e in after_warm_up)
-    assert cb.budget.tracker is not None and cb.budget.tracker.best is None  # nothing met it: nothing was kept
+    tracker = cb.budget.tracker
+    assert tracker is not None and tracker.best is None and tracker.closest is not None  # nothing met it
+    closest = tracker.closest_state  # the least bad state seen is what the module holds
+    assert closest is not None and all(
+        torch.equal(v, closest[k]) for k, v in trainer.lightning_module.state_dict().items()
+    )
