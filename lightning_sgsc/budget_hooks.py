@@ -77,6 +77,7 @@ class BudgetHooks:
             budget_warmup_checks,
         )
         self.monitor, self.keep_best, self.cooling = monitor, bool(keep_best), False
+        self._frozen = False  # the quantizer parameters are frozen for the cool-down (not checkpointed: redone)
         self.last: Check | None = None
         self.repaired = 0
         self.history: list[dict[str, Any]] = []  # every check: what the controller saw and did (newest last)
@@ -168,10 +169,12 @@ class BudgetHooks:
         settled at the final precision (a state kept before is forgotten, see :meth:`BudgetTracker.start_over`)."""
         if not self.cooldown_fraction:
             return
-        if self.cooling:  # also after a resume into the cool-down
-            weights.bit_weight = 0.0
-            for param in quantizer_parameters(pl_module):
-                param.requires_grad_(False)
+        if self.cooling:  # once per fit, also after a resume into the cool-down (not on every step)
+            if not self._frozen:
+                weights.bit_weight = 0.0
+                for param in quantizer_parameters(pl_module):
+                    param.requires_grad_(False)
+                self._frozen = True
             return
         if trainer.global_step < (1 - self.cooldown_fraction) * trainer.estimated_stepping_batches:
             return
@@ -185,6 +188,7 @@ class BudgetHooks:
         """Bit depths trainable again; the best state within the budget into the module (``keep_best``)."""
         for param in quantizer_parameters(pl_module):
             param.requires_grad_(True)
+        self._frozen = False
         if self.tracker is None:
             return
         if self.tracker.best_state is None:

@@ -117,10 +117,9 @@ class Event:
 # ---------------------------------------------------------------------------------------------------------- channels
 
 
-@torch.no_grad()
 def zero_bit_channels(model: nn.Module) -> Masks:
     """Per layer, the channels at zero bits that are not pruned yet (candidates to restore or to prune)."""
-    return {name: (layer.bits <= 0) & ~layer.pruned for name, layer in quantized_layers(model)}
+    return low_bit_channels(model, 0.0)
 
 
 def _count(masks: Masks) -> int:
@@ -156,17 +155,6 @@ def _selected(model: nn.Module, selection: Masks) -> Iterator[tuple[QuantizedLay
 
 
 @torch.no_grad()
-def restore_channels_(model: nn.Module, selection: Masks, bits: float) -> int:
-    """Sets the selected channels to ``bits`` bits, with exponents that clip none of their weights."""
-    total = 0
-    for layer, mask in _selected(model, selection):
-        layer.bits[mask] = float(bits)
-        layer.exponent[mask] = init_exponent(layer.weight[mask], bits).to(layer.exponent.dtype)
-        total += int(mask.sum())
-    return total
-
-
-@torch.no_grad()
 def low_bit_channels(model: nn.Module, max_bits: float) -> Masks:
     """Per layer, the channels at ``max_bits`` bits or fewer (zero included) that are not pruned: what a repair of
     lost accuracy can give precision back to."""
@@ -176,7 +164,7 @@ def low_bit_channels(model: nn.Module, max_bits: float) -> Masks:
 @torch.no_grad()
 def raise_precision_(model: nn.Module, selection: Masks, bits: float) -> int:
     """Brings the selected channels up to ``bits`` bits (never down), with exponents that clip none of their
-    weights. Returns the number of channels changed."""
+    weights: a restore of zero-bit channels, or a repair of low-bit ones. Returns the number of channels changed."""
     total = 0
     for layer, mask in _selected(model, selection):
         layer.bits[mask] = torch.clamp(layer.bits[mask], min=float(bits))
@@ -316,10 +304,10 @@ def apply_decision(
     restored = pruned = kept_alive = 0
     if decision.action is Action.RESTORE and zero_bit:
         selection = select_top(restore_scores(), candidates, config.restore_fraction)
-        restored = restore_channels_(model, selection, config.restore_bits)
+        restored = raise_precision_(model, selection, config.restore_bits)
     elif decision.action is Action.PRUNE and zero_bit and config.prune:
         to_prune, keep_alive = enforce_min_channels(model, candidates, config.min_channels)
-        kept_alive = restore_channels_(model, keep_alive, config.restore_bits)
+        kept_alive = raise_precision_(model, keep_alive, config.restore_bits)
         pruned = prune_channels_(model, to_prune, optimizers)
     return Event(
         action=decision.action.value,
