@@ -6,6 +6,11 @@ it with ``@hydra.main`` and returns the metric a sweeper optimises. Each run wri
 pruned channels, training time and the hardware, and (compressed runs, ``export=true``) the exported artifact
 itself, ``<results_dir>/<run_name>.sgsc`` (reload it with :func:`lightning_sgsc.export.load_compressed`), and with
 ``onnx=true`` an ONNX file with integer weights, ``<results_dir>/<run_name>.onnx`` (:func:`lightning_sgsc.export_onnx`).
+
+Fine-tuning a trained model: a run with ``save_weights=true`` also writes ``<results_dir>/<run_name>.pt`` (the
+module's state dict); another run starts from it with ``init_from=<that file>``. Under an accuracy budget
+(``sgsc.max_drop`` with ``sgsc.monitor``) and no ``sgsc.reference_value``, the reference is then the starting model's
+own validation value, measured before the fit (the float model the compression must stay near).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_sgsc.callback import SafetyGuidedQuantization
+from lightning_sgsc.errors import SGSCValueError
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 """The configs ship inside the package (``conf/`` at the top of a checkout links here)."""
@@ -80,6 +86,22 @@ def _hardware() -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, {platform.system()}"
 
 
+def _load_start(module: pl.LightningModule, path: str) -> None:
+    """Loads the state dict a ``save_weights=true`` run wrote (``init_from``) into ``module``."""
+    file = Path(path)
+    if not file.is_file():
+        raise SGSCValueError(
+            f"`init_from` must be a weights file written by a run with save_weights=true, got {path!r}: no such file."
+        )
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SGSCValueError(
+            f"`init_from` must hold the weights of this model, got {path!r}: missing {list(missing)[:5]},"
+            f" unexpected {list(unexpected)[:5]} (another model or experiment?)."
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fits, tests and (when compressing) exports one configuration; writes and returns its result."""
     from lightning_sgsc import model_size
@@ -96,6 +118,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     assert isinstance(sgsc_cfg, dict)
     enabled = sgsc_cfg.pop("enabled")
     variant = sgsc_cfg.pop("variant")
+    if cfg.get("init_from"):
+        _load_start(module, cfg.init_from)
+        if enabled and sgsc_cfg.get("max_drop") is not None and sgsc_cfg.get("monitor") is not None:
+            if sgsc_cfg.get("reference_value") is None:  # the starting model's own value, before any compression
+                probe: pl.Trainer = instantiate(cfg.trainer, callbacks=[], logger=False)
+                measured = probe.validate(module, datamodule=datamodule, verbose=False)[0]
+                if sgsc_cfg["monitor"] not in measured:
+                    raise SGSCValueError(
+                        f"`sgsc.monitor` must be a metric the validation loop logs, got {sgsc_cfg['monitor']!r};"
+                        f" logged: {sorted(measured)}."
+                    )
+                sgsc_cfg["reference_value"] = float(measured[sgsc_cfg["monitor"]])
+                pl.seed_everything(cfg.seed, workers=True)  # the fit draws the same numbers with or without the probe
     callback = instantiate(sgsc_cfg) if enabled else None
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[callback] if callback else [])
     start = time.perf_counter()
@@ -116,6 +151,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     results_dir = Path(cfg.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("init_from"):
+        result.update(init_from=str(cfg.init_from), reference_value=sgsc_cfg.get("reference_value"))
+    if cfg.get("save_weights", False):  # the starting point of fine-tunes (init_from)
+        weights = results_dir / f"{cfg.run_name}.pt"
+        torch.save(module.state_dict(), weights)
+        result["weights"] = weights.name
     if callback is not None:
         size = model_size(net)
         result.update(

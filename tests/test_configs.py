@@ -113,6 +113,41 @@ def test_mnist10k_and_digits_experiments_run(tmp_path):
     assert _fast(tmp_path, "digits", ["sgsc.preservation_warmup_epochs=0"])["test_metric_name"] == "test/acc"
 
 
+def test_a_budgeted_run_fine_tunes_a_saved_float_run_and_takes_its_value_as_the_reference(tmp_path):
+    import lightning.pytorch as pl
+    import torch
+    from hydra.utils import instantiate
+
+    float_cfg = ["experiment=digits", "sgsc=float", "save_weights=true", "trainer.max_epochs=3"]
+    float_run = train(_compose([*float_cfg, f"results_dir={tmp_path / 'results'}"]))  # trained: far from its init
+    weights = tmp_path / "results" / float_run["weights"]
+    overrides = ["sgsc=budget", "sgsc.budget_warmup_checks=0", f"init_from={weights}", "sgsc.max_drop=0.01"]
+    result = _fast(tmp_path, "digits", overrides)
+    cfg = _compose(["experiment=digits", *overrides])
+    module = instantiate({k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"})
+    module.load_state_dict(torch.load(weights, weights_only=True))
+    trainer = pl.Trainer(fast_dev_run=True, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    expected = trainer.validate(module, datamodule=instantiate(cfg.data), verbose=False)[0]["val/acc"]
+    assert expected > 0.5  # trained, not chance: a run that ignored init_from would measure a random init's ~0.1
+    assert result["init_from"] == str(weights)
+    assert result["reference_value"] == pytest.approx(expected)  # the float model's own value, not a random init's
+    assert result["budget"]["reference"] == pytest.approx(expected)
+
+
+def test_init_from_a_missing_or_foreign_file_is_refused(tmp_path):
+    from lightning_sgsc import SGSCValueError
+
+    with pytest.raises(SGSCValueError, match=r"`init_from` .* no such file"):
+        _fast(tmp_path, "digits", [f"init_from={tmp_path / 'nope.pt'}"])
+    names = _fast(
+        tmp_path,
+        "names_transformer",
+        ["sgsc=float", "save_weights=true", f"data.path={write_names(tmp_path / 'n.txt')}"],
+    )
+    with pytest.raises(SGSCValueError, match=r"`init_from` must hold the weights of this model.*missing"):
+        _fast(tmp_path, "digits", [f"init_from={tmp_path / 'results' / names['weights']}"])
+
+
 def test_the_digits_experiment_compresses_with_the_demo_settings():
     # The demo's settings were tuned with exponents fitted tightly (headroom 0); the default 2 bits cost it accuracy.
     from lightning_sgsc.demo import DEMO_SETTINGS
