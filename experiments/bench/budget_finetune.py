@@ -1,12 +1,15 @@
-"""The demo's budget recipe on Fashion-MNIST: train float, then fine-tune a copy within ``max_drop`` of its val/acc.
+"""The demo's budget recipe on the two experiments: train float, then fine-tune a copy within ``max_drop`` of it.
 
-    OMP_NUM_THREADS=1 python experiments/bench/budget_fashion.py --seed 0 [--max-drop 0.003] [--steps 10000]
+    OMP_NUM_THREADS=1 python experiments/bench/budget_finetune.py --task fashion_cnn --seed 0 --max-drop 0.003,0.01,0.03
+    OMP_NUM_THREADS=1 python experiments/bench/budget_finetune.py --task names_transformer --seed 0 --max-drop 0.02
 
-A float FashionCNN trains ``--steps`` steps (batch 64, AdamW 1e-3, validation every 1,000 steps: the fashion_cnn
-experiment's setup); its validation accuracy is the budget's reference. A copy is then fine-tuned for ``--steps``
-more steps with ``max_drop`` on ``val/acc``, no preservation set, the last quarter a cool-down (the demo's budget).
-The test split is read once per model, at the end. Needs ``apt-get install -y dataset-fashion-mnist``. The last line
-is one JSON object.
+A float model trains ``--steps`` steps with the experiment's setup (``fashion_cnn``: FashionCNN, batch 64, AdamW 1e-3,
+validation every 1,000 steps, budget on ``val/acc``; ``names_transformer``: CharTransformer, batch 16, AdamW 1e-3 with
+weight decay 0.01, validation every 500 steps, budget on ``val/loss``, mode min). Its validation value is the
+budget's reference. For each ``--max-drop`` a copy of it is then fine-tuned for ``--steps`` more steps under that
+budget, no preservation set, the last quarter a cool-down (the demo's budget). The test split is read once per model,
+at the end. Fashion needs ``apt-get install -y dataset-fashion-mnist``; names reads ``../shared/data/names.txt``.
+One line per model, then one JSON file per budget in ``--out`` (when given).
 """
 
 from __future__ import annotations
@@ -18,64 +21,107 @@ import logging
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 
 from lightning_sgsc import SafetyGuidedQuantization
 from lightning_sgsc.demo import DEMO_BUDGET, DEMO_SETTINGS
-from lightning_sgsc.examples import ClassifierModule, FashionCNN, IDXImageDataModule
+from lightning_sgsc.examples import (
+    CharTransformer,
+    ClassifierModule,
+    FashionCNN,
+    IDXImageDataModule,
+    LanguageModule,
+    NamesDataModule,
+)
 from lightning_sgsc.examples.training import quiet_trainer
 from lightning_sgsc.export import export_compressed
 
-ROOT = "/usr/share/datasets/fashion-mnist"
+TASKS: dict[str, dict[str, Any]] = {
+    "fashion_cnn": dict(
+        data=lambda seed: IDXImageDataModule(root="/usr/share/datasets/fashion-mnist", batch_size=64, seed=seed),
+        module=lambda: ClassifierModule(FashionCNN(), lr=1e-3),
+        every=1000,
+        metric="acc",
+        mode="max",
+    ),
+    "names_transformer": dict(
+        data=lambda seed: NamesDataModule(path="../shared/data/names.txt", block_size=32, batch_size=16, seed=seed),
+        module=lambda: LanguageModule(CharTransformer(), lr=1e-3, weight_decay=0.01),
+        every=500,
+        metric="loss",
+        mode="min",
+    ),
+}
+
+
+def _value(metric: str, value: float) -> str:
+    return f"{100 * value:.2f} %" if metric == "acc" else f"{value:.4f} nats"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=sorted(TASKS), default="fashion_cnn")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-drop", type=float, default=0.003)
+    parser.add_argument("--max-drop", default="0.003", help="comma-separated budgets, in the metric's units")
     parser.add_argument("--steps", type=int, default=10_000)
+    parser.add_argument("--out", type=Path, default=None, help="folder for <task>-md<max_drop>-seed<N>.json")
     args = parser.parse_args()
+    task = TASKS[args.task]
+    metric = task["metric"]
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    schedule = dict(max_steps=args.steps, val_check_interval=min(1000, args.steps), check_val_every_n_epoch=None)
+    every = min(task["every"], args.steps)
+    schedule = dict(max_steps=args.steps, val_check_interval=every, check_val_every_n_epoch=None)
     pl.seed_everything(args.seed, verbose=False)
-    data = IDXImageDataModule(root=ROOT, batch_size=64, seed=args.seed)
-    plain = ClassifierModule(FashionCNN(), lr=1e-3)
+    data = task["data"](args.seed)
+    plain = task["module"]()
     trainer = quiet_trainer(-1, [], **schedule)
     trainer.fit(plain, data)
-    float_val = trainer.validate(plain, data, verbose=False)[0]["val/acc"]
-    float_test = trainer.test(plain, data, verbose=False)[0]["test/acc"]
-
-    pl.seed_everything(args.seed, verbose=False)
-    small = copy.deepcopy(plain)
-    budget = {**DEMO_BUDGET, "max_drop": args.max_drop, "reference_value": float_val}
-    settings = {**DEMO_SETTINGS, **budget, "init_headroom": None}  # the experiment's headroom (2 bits)
-    callback = SafetyGuidedQuantization(seed=args.seed, **settings)
-    trainer = quiet_trainer(-1, [callback], **schedule)
-    trainer.fit(small, data)
-    val = trainer.validate(small, data, verbose=False)[0]["val/acc"]
-    test = trainer.test(small, data, verbose=False)[0]["test/acc"]
-    with tempfile.TemporaryDirectory() as tmp:
-        nbytes = export_compressed(small.net, Path(tmp) / "fashion.sgsc")
+    float_val = trainer.validate(plain, data, verbose=False)[0][f"val/{metric}"]
+    float_test = trainer.test(plain, data, verbose=False)[0][f"test/{metric}"]
     float32 = 4 * sum(p.numel() for p in plain.net.parameters())
-    result = {
-        "seed": args.seed,
-        "max_drop": args.max_drop,
-        "float_val": float_val,
-        "float_test": float_test,
-        "val": val,
-        "test": test,
-        "diff_points": 100 * (test - float_test),
-        "bytes": nbytes,
-        "fraction": nbytes / float32,
-        "budget": callback.budget.summary(),
-    }
-    print(
-        f"seed {args.seed}: float {100 * float_test:.2f} % (val {100 * float_val:.2f}) -> {100 * test:.2f} %"
-        f" (val {100 * val:.2f}), {result['diff_points']:+.2f} points, {nbytes:,} B ({100 * result['fraction']:.2f} %)"
-    )
-    print(json.dumps(result))
+    print(f"{args.task} seed {args.seed}: float {_value(metric, float_test)} (val {_value(metric, float_val)})")
+
+    for max_drop in (float(m) for m in args.max_drop.split(",")):
+        pl.seed_everything(args.seed, verbose=False)
+        small = copy.deepcopy(plain)
+        budget = {**DEMO_BUDGET, "max_drop": max_drop, "reference_value": float_val}
+        budget.update(monitor=f"val/{metric}", mode=task["mode"])
+        settings = {**DEMO_SETTINGS, **budget, "init_headroom": None}  # the experiment's headroom (2 bits)
+        callback = SafetyGuidedQuantization(seed=args.seed, **settings)
+        trainer = quiet_trainer(-1, [callback], **schedule)
+        trainer.fit(small, data)
+        val = trainer.validate(small, data, verbose=False)[0][f"val/{metric}"]
+        test = trainer.test(small, data, verbose=False)[0][f"test/{metric}"]
+        with tempfile.TemporaryDirectory() as tmp:
+            nbytes = export_compressed(small.net, Path(tmp) / "model.sgsc")
+        diff = 100 * (test - float_test) if metric == "acc" else test - float_test
+        result = {
+            "task": args.task,
+            "seed": args.seed,
+            "max_drop": max_drop,
+            "metric": f"test/{metric}",
+            "float_val": float_val,
+            "float_test": float_test,
+            "val": val,
+            "test": test,
+            "diff": diff,
+            "diff_units": "points" if metric == "acc" else "nats",
+            "bytes": nbytes,
+            "float32_bytes": float32,
+            "fraction": nbytes / float32,
+            "budget": callback.budget.summary(),
+        }
+        print(
+            f"  max_drop {max_drop:g}: {_value(metric, test)} (val {_value(metric, val)}), {diff:+.4g}"
+            f" {result['diff_units']}, {nbytes:,} B ({100 * result['fraction']:.2f} %)",
+            flush=True,
+        )
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"{args.task}-md{max_drop:g}-seed{args.seed}.json").write_text(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":
