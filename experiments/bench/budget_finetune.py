@@ -9,7 +9,8 @@ weight decay 0.01, validation every 500 steps, budget on ``val/loss``, mode min)
 budget's reference. For each ``--max-drop`` a copy of it is then fine-tuned for ``--steps`` more steps under that
 budget, no preservation set, the last quarter a cool-down (the demo's budget). The test split is read once per model,
 at the end. Fashion needs ``apt-get install -y dataset-fashion-mnist``; names reads ``../shared/data/names.txt``.
-One line per model, then one JSON file per budget in ``--out`` (when given).
+``--max-drop fixed`` fine-tunes the same copy under the fixed penalty instead (``bit_weight`` 0.5, no budget), the
+comparison. One line per model, and one JSON file per budget in ``--out`` (when given).
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=sorted(TASKS), default="fashion_cnn")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-drop", default="0.003", help="comma-separated budgets, in the metric's units")
+    parser.add_argument(
+        "--max-drop", default="0.003", help="comma-separated budgets in the metric's units; 'fixed': no budget"
+    )
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--out", type=Path, default=None, help="folder for <task>-md<max_drop>-seed<N>.json")
     args = parser.parse_args()
@@ -84,11 +87,15 @@ def main() -> None:
     float32 = 4 * sum(p.numel() for p in plain.net.parameters())
     print(f"{args.task} seed {args.seed}: float {_value(metric, float_test)} (val {_value(metric, float_val)})")
 
-    for max_drop in (float(m) for m in args.max_drop.split(",")):
+    for label in args.max_drop.split(","):
         pl.seed_everything(args.seed, verbose=False)
         small = copy.deepcopy(plain)
-        budget = {**DEMO_BUDGET, "max_drop": max_drop, "reference_value": float_val}
-        budget.update(monitor=f"val/{metric}", mode=task["mode"])
+        max_drop = None if label == "fixed" else float(label)
+        if max_drop is None:  # the same fine-tune under the fixed penalty (bit_weight 0.5), no budget, for comparison
+            budget: dict[str, Any] = {"preservation_size": 0}
+        else:
+            budget = {**DEMO_BUDGET, "max_drop": max_drop, "reference_value": float_val}
+            budget.update(monitor=f"val/{metric}", mode=task["mode"])
         settings = {**DEMO_SETTINGS, **budget, "init_headroom": None}  # the experiment's headroom (2 bits)
         callback = SafetyGuidedQuantization(seed=args.seed, **settings)
         trainer = quiet_trainer(-1, [callback], **schedule)
@@ -115,13 +122,13 @@ def main() -> None:
             "budget": callback.budget.summary(),
         }
         print(
-            f"  max_drop {max_drop:g}: {_value(metric, test)} (val {_value(metric, val)}), {diff:+.4g}"
+            f"  max_drop {label}: {_value(metric, test)} (val {_value(metric, val)}), {diff:+.4g}"
             f" {result['diff_units']}, {nbytes:,} B ({100 * result['fraction']:.2f} %)",
             flush=True,
         )
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / f"{args.task}-md{max_drop:g}-seed{args.seed}.json").write_text(json.dumps(result) + "\n")
+            (args.out / f"{args.task}-md{label}-seed{args.seed}.json").write_text(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":
