@@ -12,6 +12,7 @@ size penalty to a budget and keeps the best state within it (:mod:`.budget_hooks
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -47,6 +48,8 @@ from lightning_sgsc.quant.fused import FusedQuantizer
 from lightning_sgsc.quant.modules import QuantizedLayer, quantized_layers, quantizer_parameters
 from lightning_sgsc.quant.swap import quantize_
 from lightning_sgsc.size import model_size, size_metrics
+
+_BUDGET_ARGS = frozenset(inspect.signature(BudgetHooks).parameters)  # callback arguments passed on by name
 
 
 class SafetyGuidedQuantization(Callback):
@@ -160,10 +163,7 @@ class SafetyGuidedQuantization(Callback):
         self.quantizer_lr, self.recalibrate_norms = float(quantizer_lr), bool(recalibrate_norms)
         self.seed, self.max_history = seed, max_history
         self.policy = FeedbackPolicy(self.feedback_config)
-        self.budget = BudgetHooks(  # the budget arguments, in their order
-            *(max_drop, monitor, mode, drop_type, reference_value, target_bytes, target_bits_per_weight),
-            *(budget_warmup_checks, cooldown_fraction, keep_best, bit_weight),
-        )
+        self.budget = BudgetHooks(**{name: value for name, value in locals().items() if name in _BUDGET_ARGS})
         self.history: list[dict[str, Any]] = []
         self.swapped_layers: list[str] = []
         self._layers: list[QuantizedLayer] = []

@@ -243,3 +243,17 @@ def test_over_the_budget_the_loop_prunes_nothing_and_low_bit_channels_get_precis
     assert closest is not None and all(
         torch.equal(v, closest[k]) for k, v in trainer.lightning_module.state_dict().items()
     )
+
+
+def test_the_callback_passes_every_budget_argument_on_with_the_same_default():
+    import inspect
+
+    from lightning_sgsc import SafetyGuidedQuantization
+    from lightning_sgsc.budget_hooks import BudgetHooks
+
+    callback = inspect.signature(SafetyGuidedQuantization).parameters
+    for name, param in inspect.signature(BudgetHooks).parameters.items():
+        assert name in callback and callback[name].default == param.default, name
+    hooks = SafetyGuidedQuantization(max_drop=0.02, monitor="val/loss", mode="min", budget_warmup_checks=2).budget
+    assert (hooks.monitor, hooks.tracker.controller.config.mode) == ("val/loss", "min")
+    assert hooks.tracker.controller.config.warmup == 2
