@@ -15,6 +15,7 @@ from lightning_sgsc import SafetyGuidedQuantization
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments" / "bench"))
 
+import budget_front  # noqa: E402
 import overhead  # noqa: E402
 import peers  # noqa: E402
 import preservation_every  # noqa: E402
@@ -416,3 +417,22 @@ def test_preservation_every_runs_the_peers_points_in_workers_at_each_value(monke
     runs = preservation_every.peers_runs([8, 16], [0], jobs=1, steps=2, data="random")
     assert [(r["run"], r["seed"], r["every"]) for r in runs] == [("sgsc-0.05", 0, 8), ("sgsc-0.05", 0, 16)]
     assert all(r["file_bytes"] > 0 for r in runs)
+
+
+def test_the_budget_front_groups_runs_by_budget_and_measures_each_against_its_own_float_model(tmp_path, capsys):
+    def run(label, seed, float_test, test, nbytes):
+        result = dict(seed=seed, float_test=float_test, test=test, bytes=nbytes, fraction=nbytes / 100_000)
+        (tmp_path / f"fashion_cnn-md{label}-seed{seed}.json").write_text(json.dumps(result))
+
+    run("0.01", 0, 0.90, 0.89, 2000)
+    run("0.01", 1, 0.80, 0.80, 4000)
+    run("fixed", 0, 0.90, 0.85, 1000)
+    groups = budget_front.load(tmp_path)
+    assert list(groups) == ["0.01", "fixed"] and [r["seed"] for r in groups["0.01"]] == [0, 1]
+    assert budget_front.change(groups["0.01"][0]) == pytest.approx(-1.0)  # points, against the same seed's float
+    loss = dict(metric="test/loss", float_test=2.0, test=2.01)
+    assert budget_front.change(loss) == pytest.approx(0.01)  # nats for a loss
+    sys.argv = ["budget_front.py", str(tmp_path)]
+    budget_front.main()
+    out = capsys.readouterr().out
+    assert "mean -0.500 points at 3.0 KB (3.00 % of float32)" in out and (tmp_path / "front.png").stat().st_size > 0
