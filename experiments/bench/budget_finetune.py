@@ -9,8 +9,9 @@ weight decay 0.01, validation every 500 steps, budget on ``val/loss``, mode min)
 budget's reference. For each ``--max-drop`` a copy of it is then fine-tuned for ``--steps`` more steps under that
 budget, no preservation set, the last quarter a cool-down (the demo's budget). The test split is read once per model,
 at the end. Fashion needs ``apt-get install -y dataset-fashion-mnist``; names reads ``../shared/data/names.txt``.
-``--max-drop fixed`` fine-tunes the same copy under the fixed penalty instead (``bit_weight`` 0.5, no budget), the
-comparison. One line per model, and one JSON file per budget in ``--out`` (when given).
+``--max-drop fixed`` fine-tunes the same copy under the fixed penalty instead (``bit_weight`` 0.5, no budget), and
+``float`` without compression (the float model trained as long as the fine-tunes): the comparisons. One line per
+model, and one JSON file per budget in ``--out`` (when given).
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ def main() -> None:
     parser.add_argument("--task", choices=sorted(TASKS), default="fashion_cnn")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--max-drop", default="0.003", help="comma-separated budgets in the metric's units; 'fixed': no budget"
+        "--max-drop",
+        default="0.003",
+        help="comma-separated budgets in the metric's units; 'fixed': no budget; 'float': no compression",
     )
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--out", type=Path, default=None, help="folder for <task>-md<max_drop>-seed<N>.json")
@@ -90,20 +93,22 @@ def main() -> None:
     for label in args.max_drop.split(","):
         pl.seed_everything(args.seed, verbose=False)
         small = copy.deepcopy(plain)
-        max_drop = None if label == "fixed" else float(label)
+        max_drop = None if label in ("fixed", "float") else float(label)
         if max_drop is None:  # the same fine-tune under the fixed penalty (bit_weight 0.5), no budget, for comparison
             budget: dict[str, Any] = {"preservation_size": 0}
         else:
             budget = {**DEMO_BUDGET, "max_drop": max_drop, "reference_value": float_val}
             budget.update(monitor=f"val/{metric}", mode=task["mode"])
         settings = {**DEMO_SETTINGS, **budget, "init_headroom": None}  # the experiment's headroom (2 bits)
-        callback = SafetyGuidedQuantization(seed=args.seed, **settings)
-        trainer = quiet_trainer(-1, [callback], **schedule)
+        callback = None if label == "float" else SafetyGuidedQuantization(seed=args.seed, **settings)
+        trainer = quiet_trainer(-1, [callback] if callback else [], **schedule)
         trainer.fit(small, data)
         val = trainer.validate(small, data, verbose=False)[0][f"val/{metric}"]
         test = trainer.test(small, data, verbose=False)[0][f"test/{metric}"]
-        with tempfile.TemporaryDirectory() as tmp:
-            nbytes = export_compressed(small.net, Path(tmp) / "model.sgsc")
+        nbytes = float32
+        if callback is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                nbytes = export_compressed(small.net, Path(tmp) / "model.sgsc")
         diff = 100 * (test - float_test) if metric == "acc" else test - float_test
         result = {
             "task": args.task,
@@ -119,7 +124,7 @@ def main() -> None:
             "bytes": nbytes,
             "float32_bytes": float32,
             "fraction": nbytes / float32,
-            "budget": callback.budget.summary(),
+            "budget": callback.budget.summary() if callback else None,
         }
         print(
             f"  max_drop {label}: {_value(metric, test)} (val {_value(metric, val)}), {diff:+.4g}"
