@@ -312,10 +312,16 @@ class SafetyGuidedQuantization(Callback):
             event = dataclasses.replace(event, epoch=trainer.current_epoch, step=trainer.global_step)
             self.history = [*self.history, event.as_dict()][-self.max_history :]
             pl_module.log_dict({f"sgsc/{k}": float(v) for k, v in event.metrics().items()})
-        pl_module.log_dict({**size_metrics(model_size(pl_module)), **self.budget.metrics()})
+        pl_module.log_dict(size_metrics(model_size(pl_module)))
 
     def _budget_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.budget.check(trainer, pl_module, self.history, self.loss_weights, lambda: self._repair(trainer, pl_module))
+        metrics = self.budget.metrics()
+        if metrics:  # this check's values; `self.log` is not allowed in on_validation_end, so they go to the
+            # loggers at this step and into callback_metrics (read by ModelCheckpoint/EarlyStopping, which run after)
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     def _restore_scores(self, pl_module: pl.LightningModule, bits: float | None = None) -> dict[str, Tensor]:
         return self.preservation.restore_scores(pl_module, self.feedback_config.restore_bits if bits is None else bits)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import itertools
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
 from lightning_sgsc.budget import BudgetConfig, BudgetController, BudgetTracker
 from lightning_sgsc.errors import SGSCValueError
@@ -227,11 +230,18 @@ def test_over_the_budget_the_loop_prunes_nothing_and_low_bit_channels_get_precis
     # an unreachable reference: every check after the warm-up is over the budget
     budget = dict(max_drop=0.01, monitor="val/acc", mode="max", reference_value=1.5, budget_warmup_checks=1)
     cb = aggressive_callback(**budget)
-    trainer = cpu_trainer(tmp_path, [cb], max_epochs=4)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = cpu_trainer(tmp_path, [cb], max_epochs=4, logger=logger)
     with pytest.warns(UserWarning, match=r"no state met the budget; the closest seen: \{'metric'.*the module holds it"):
         trainer.fit(TinyClassifier(lr=0.05))
-    assert {"sgsc/bit_weight", "sgsc/budget_slack", "sgsc/repaired_channels"} <= set(trainer.callback_metrics)
     checks = cb.budget.history
+    # what is logged is each check's own value (not the previous check's), in callback_metrics and in the logger
+    assert float(trainer.callback_metrics["sgsc/bit_weight"]) == pytest.approx(checks[-1]["weight"])
+    assert float(trainer.callback_metrics["sgsc/budget_slack"]) == pytest.approx(checks[-1]["slack"])
+    assert "sgsc/repaired_channels" in trainer.callback_metrics
+    logger.save()
+    rows = [r for r in csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")) if r.get("sgsc/bit_weight")]
+    assert [float(r["sgsc/bit_weight"]) for r in rows] == pytest.approx([c["weight"] for c in checks])
     assert checks[0]["warming_up"] and not any(c["warming_up"] for c in checks[1:])
     assert all(c["slack"] < 0 for c in checks[1:]) and sum(c["repaired"] for c in checks) > 0
     assert checks[-1]["weight"] < checks[1]["weight"]  # the controller lowered the size penalty
