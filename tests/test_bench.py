@@ -435,4 +435,4 @@ def test_the_budget_front_groups_runs_by_budget_and_measures_each_against_its_ow
     sys.argv = ["budget_front.py", str(tmp_path)]
     budget_front.main()
     out = capsys.readouterr().out
-    assert "mean -0.500 points at 3.0 KB (3.00 % of float32)" in out and (tmp_path / "front.png").stat().st_size > 0
+    assert "mean -0.50 points at 3.0 KB (3.00 % of float32)" in out and (tmp_path / "front.png").stat().st_size > 0

@@ -41,14 +41,15 @@ def main() -> None:
     args = parser.parse_args()
     groups = load(args.folder)
     unit = "nats" if next(iter(groups.values()))[0].get("metric", "test/acc").endswith("loss") else "points"
+    digits = 4 if unit == "nats" else 2
     for label, runs in groups.items():
-        per_seed = ", ".join(f"{change(r):+.3f} at {r['bytes'] / 1000:.1f} KB" for r in runs)
+        per_seed = ", ".join(f"{change(r):+.{digits}f} at {r['bytes'] / 1000:.1f} KB" for r in runs)
         mean_kb = statistics.mean(r["bytes"] for r in runs) / 1000
         fraction = statistics.mean(r["fraction"] for r in runs)
         mean = statistics.mean(map(change, runs))
         print(
             f"max_drop {label:>6}: seeds {[r['seed'] for r in runs]}: {per_seed};"
-            f" mean {mean:+.3f} {unit} at {mean_kb:.1f} KB ({100 * fraction:.2f} % of float32)"
+            f" mean {mean:+.{digits}f} {unit} at {mean_kb:.1f} KB ({100 * fraction:.2f} % of float32)"
         )
 
     import matplotlib
