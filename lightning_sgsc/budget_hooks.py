@@ -7,14 +7,17 @@ The callback's glue for :mod:`lightning_sgsc.budget` (the pure controller). It r
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_sgsc.budget import BudgetConfig, BudgetTracker, Check
 from lightning_sgsc.config import LossWeights, _number
-from lightning_sgsc.errors import SGSCValueError, describe_rule
+from lightning_sgsc.errors import SGSCTypeError, SGSCValueError, describe_rule
 from lightning_sgsc.quant.modules import quantizer_parameters
 from lightning_sgsc.size import model_size
 
@@ -38,6 +41,9 @@ class BudgetHooks:
         cooldown_fraction: the last share of training steps with the size term off, ``bits``/``exponent`` frozen and no
             restore or prune, so the weights settle at their final precision; with a budget, only the cool-down's
             checks compete for the state held at fit end.
+        best_state_path: also write the best state within the budget to this file each time it changes (rank zero;
+            a relative path is under the Trainer's ``default_root_dir``, e.g. next to your ``ModelCheckpoint``'s):
+            ``{"state_dict": ..., "sgsc_best": {metric, bytes, ...}}``, for ``module.load_state_dict(f["state_dict"])``.
         keep_best: at fit end the module holds the best state within the budget (else the last one); if no state
             met it, a warning names the closest state seen (the least over the budget), which the module then holds.
         bit_weight: the callback's ``bit_weight``: the controller's starting weight (a constant > 0 with a budget).
@@ -55,12 +61,17 @@ class BudgetHooks:
         budget_warmup_checks: int = 1,
         cooldown_fraction: float = 0.0,
         keep_best: bool = True,
+        best_state_path: str | None = None,
         bit_weight: Any = 0.01,
     ) -> None:
         if (monitor is None) != (mode is None):
             raise SGSCValueError(describe_rule("mode", "'max' or 'min' exactly when `monitor` is given", mode))
         if max_drop is None and target_bytes is None and target_bits_per_weight is None:
-            for name, value in (("monitor", monitor), ("reference_value", reference_value)):
+            for name, value in (
+                ("monitor", monitor),
+                ("reference_value", reference_value),
+                ("best_state_path", best_state_path),
+            ):
                 if value is not None:  # nothing is silently ignored
                     raise SGSCValueError(
                         describe_rule(
@@ -77,6 +88,9 @@ class BudgetHooks:
             budget_warmup_checks,
         )
         self.monitor, self.keep_best, self.cooling = monitor, bool(keep_best), False
+        if best_state_path is not None and not isinstance(best_state_path, (str, os.PathLike)):
+            raise SGSCTypeError(describe_rule("best_state_path", "a file path (str) or None", best_state_path))
+        self.best_state_path = best_state_path
         self._frozen = False  # the quantizer parameters are frozen for the cool-down (not checkpointed: redone)
         self.last: Check | None = None
         self.repaired = 0
@@ -124,10 +138,13 @@ class BudgetHooks:
             return {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
 
         size = model_size(pl_module)
+        kept = self.tracker.best
         check = self.tracker.observe(
             value, size.total_bytes, size.bits_per_weight, trainer.global_step, snapshot, steer=not self.cooling
         )
         self.last = check
+        if self.best_state_path is not None and self.tracker.best is not kept and self.tracker.best_state is not None:
+            self._write_best(trainer)
         if self.cooling:
             self.repaired = 0
         else:
@@ -162,6 +179,18 @@ class BudgetHooks:
         if self.tracker.best is not None:
             out["sgsc/best_bytes"] = float(self.tracker.best["bytes"])
         return out
+
+    def _write_best(self, trainer: Any) -> None:
+        """The best state within the budget to ``best_state_path`` (rank zero; written whole, then renamed)."""
+        if not trainer.is_global_zero or self.tracker is None:
+            return
+        path = Path(self.best_state_path)  # type: ignore[arg-type]
+        if not path.is_absolute():
+            path = Path(trainer.default_root_dir) / path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        torch.save({"state_dict": self.tracker.best_state, "sgsc_best": dict(self.tracker.best or {})}, partial)
+        partial.replace(path)  # a crash mid-write never leaves a truncated file under the user's name
 
     def maybe_cool_down(self, trainer: Any, pl_module: Any, weights: LossWeights) -> None:
         """From ``(1 - cooldown_fraction)`` of the training steps on: size term off, bit depths frozen, from the state

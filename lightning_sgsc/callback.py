@@ -91,9 +91,9 @@ class SafetyGuidedQuantization(Callback):
             or ``"labels"`` (cross entropy on the set's labels, the paper's term); see the README.
         distill_temperature: softmax temperature of the distillation term.
         max_drop, monitor, mode, drop_type, reference_value, target_bytes, target_bits_per_weight,
-            budget_warmup_checks, cooldown_fraction, keep_best: a budget instead of a fixed size penalty (``bit_weight``
-            is then the starting weight); see :class:`~lightning_sgsc.budget_hooks.BudgetHooks` and the README's
-            "Set a budget".
+            budget_warmup_checks, cooldown_fraction, keep_best, best_state_path: a budget instead of a fixed size
+            penalty (``bit_weight`` is then the starting weight); see :class:`~lightning_sgsc.budget_hooks.BudgetHooks`
+            and the README's "Set a budget".
 
     Example::
 
@@ -142,6 +142,7 @@ class SafetyGuidedQuantization(Callback):
         budget_warmup_checks: int = 1,
         cooldown_fraction: float = 0.0,
         keep_best: bool = True,
+        best_state_path: str | None = None,
     ) -> None:
         super().__init__()
         self.quant_config = QuantizationConfig(

@@ -267,3 +267,24 @@ def test_the_callback_passes_every_budget_argument_on_with_the_same_default():
     hooks = SafetyGuidedQuantization(max_drop=0.02, monitor="val/loss", mode="min", budget_warmup_checks=2).budget
     assert (hooks.monitor, hooks.tracker.controller.config.mode) == ("val/loss", "min")
     assert hooks.tracker.controller.config.warmup == 2
+
+
+def test_the_best_state_within_the_budget_is_also_written_to_a_file_when_asked(tmp_path):
+    from lightning_sgsc import SafetyGuidedQuantization
+    from tests.helpers.models import TinyClassifier, aggressive_callback, cpu_trainer
+
+    torch.manual_seed(0)  # a reference every state meets: each smaller state within the budget replaces the kept one
+    budget = dict(max_drop=0.5, monitor="val/acc", mode="max", reference_value=0.0, budget_warmup_checks=0)
+    cb = aggressive_callback(**budget, preservation_size=0, best_state_path="sgsc/best.pt")
+    trainer = cpu_trainer(tmp_path, [cb], max_epochs=3)
+    trainer.fit(TinyClassifier(lr=0.05))
+    saved = torch.load(tmp_path / "sgsc" / "best.pt", weights_only=True)  # relative: under default_root_dir
+    tracker = cb.budget.tracker
+    assert tracker is not None and tracker.best is not None
+    assert saved["sgsc_best"] == tracker.best and set(saved["state_dict"]) == set(tracker.best_state)
+    assert all(torch.equal(v, tracker.best_state[k]) for k, v in saved["state_dict"].items())
+    assert not list((tmp_path / "sgsc").glob("*.partial"))
+    with pytest.raises(SGSCValueError, match=r"`best_state_path` must be None without a budget"):
+        SafetyGuidedQuantization(best_state_path="best.pt")
+    with pytest.raises(TypeError, match=r"`best_state_path` must be a file path"):
+        SafetyGuidedQuantization(max_drop=0.01, best_state_path=3)
