@@ -2,9 +2,9 @@
 
     python experiments/bench/budget_front.py experiments/results/budget/fashion_finetune [--out front.png]
 
-Reads every ``<task>-md<max_drop>-seed<N>.json`` in the folder (``md fixed``: the fixed-penalty fine-tune), prints
-one row per budget (per seed, then the mean) and draws the change of the test metric against the float model of the
-same seed, per run, over the exported bytes.
+Reads every ``<task>-md<max_drop>-seed<N>.json`` in the folder (``fixed``: the fixed-penalty fine-tune; ``float``:
+the float model trained as long, uncompressed), prints one row per budget (per seed, then the mean) and draws the
+change of the test metric against the float model of the same seed, per run, over the exported bytes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def load(folder: Path) -> dict[str, list[dict[str, Any]]]:
         groups[label].append(json.loads(path.read_text()))
     if not groups:
         raise SystemExit(f"`folder` must hold budget_finetune.py results, got {str(folder)!r} with none.")
-    return dict(sorted(groups.items(), key=lambda kv: (kv[0] == "fixed", kv[0])))
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0] in ("fixed", "float"), kv[0])))
 
 
 def change(run: dict[str, Any]) -> float:
@@ -59,12 +59,14 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, runs in groups.items():
-        name = "fixed penalty (bit_weight 0.5)" if label == "fixed" else f"max_drop {label}"
+        name = {"fixed": "fixed penalty (bit_weight 0.5)", "float": "float, trained as long"}.get(
+            label, f"max_drop {label}"
+        )
         ax.scatter(
             [r["bytes"] / 1000 for r in runs],
             [change(r) for r in runs],
             label=name,
-            marker="x" if label == "fixed" else "o",
+            marker={"fixed": "x", "float": "s"}.get(label, "o"),
         )
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xscale("log")
