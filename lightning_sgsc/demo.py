@@ -34,7 +34,7 @@ DEMO_SETTINGS: dict[str, Any] = dict(init_bits=8, init_headroom=0, bit_weight=0.
 #: The demo's budget: as small as the controller can make it while the validation accuracy stays within 0.75 points
 #: of the float model's (``reference_value``, filled in by :func:`run`), fine-tuning the trained float model; the last
 #: quarter of the fit is the cool-down. No preservation set: under this budget the distillation term made the demo's
-#: models larger at no gain in accuracy (experiments/README.md, "A budget").
+#: models twice as large at the same mean test accuracy (experiments/README.md, "A budget").
 DEMO_BUDGET: dict[str, Any] = dict(
     max_drop=0.0075,
     monitor="val/acc",
