@@ -4,7 +4,8 @@
 
 Reads every ``<task>-md<max_drop>-seed<N>.json`` in the folder (``fixed``: the fixed-penalty fine-tune; ``float``:
 the float model trained as long, uncompressed), prints one row per budget (per seed, then the mean) and draws the
-change of the test metric against the float model of the same seed, per run, over the exported bytes.
+change of the test metric against the float model of the same seed, per run, over the exported bytes, each budget's
+level dotted.
 """
 
 from __future__ import annotations
@@ -62,12 +63,11 @@ def main() -> None:
         name = {"fixed": "fixed penalty (bit_weight 0.5)", "float": "float, trained as long"}.get(
             label, f"max_drop {label}"
         )
-        ax.scatter(
-            [r["bytes"] / 1000 for r in runs],
-            [change(r) for r in runs],
-            label=name,
-            marker={"fixed": "x", "float": "s"}.get(label, "o"),
-        )
+        marker = {"fixed": "x", "float": "s"}.get(label, "o")
+        points = ax.scatter([r["bytes"] / 1000 for r in runs], [change(r) for r in runs], label=name, marker=marker)
+        if label not in ("fixed", "float"):  # the budget itself (judged on validation data), in the points' colour
+            level = float(label) if unit == "nats" else -100 * float(label)  # a loss may rise, an accuracy fall
+            ax.axhline(level, color=points.get_facecolor()[0], linestyle=":", linewidth=0.8)
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("exported file, KB (log)")
