@@ -57,6 +57,7 @@ def main() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, runs in groups.items():
@@ -70,6 +71,10 @@ def main() -> None:
             ax.axhline(level, color=points.get_facecolor()[0], linestyle=":", linewidth=0.8)
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xscale("log")
+    low, high = ax.get_xlim()  # round ticks in KB, unlabelled minor ones
+    ax.set_xticks([t for t in (5, 10, 20, 50, 100, 200, 500, 1000, 2000) if low <= t <= high])
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("exported file, KB (log)")
     ax.set_ylabel(f"test change vs float, {unit}")
     ax.legend(fontsize=8)
