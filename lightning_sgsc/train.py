@@ -8,9 +8,9 @@ itself, ``<results_dir>/<run_name>.sgsc`` (reload it with :func:`lightning_sgsc.
 ``onnx=true`` an ONNX file with integer weights, ``<results_dir>/<run_name>.onnx`` (:func:`lightning_sgsc.export_onnx`).
 
 Fine-tuning a trained model: a run with ``save_weights=true`` also writes ``<results_dir>/<run_name>.pt`` (the
-module's state dict); another run starts from it with ``init_from=<that file>``. Under an accuracy budget
-(``sgsc.max_drop`` with ``sgsc.monitor``) and no ``sgsc.reference_value``, the reference is then the starting model's
-own validation value, measured before the fit (the float model the compression must stay near).
+module's state dict); another run starts from it with ``init_from=<that file>`` (or a Lightning ``.ckpt``). Under an
+accuracy budget (``sgsc.max_drop`` with ``sgsc.monitor``) and no ``sgsc.reference_value``, the reference is then the
+starting model's own validation value, measured before the fit (the float model the compression must stay near).
 """
 
 from __future__ import annotations
@@ -87,13 +87,17 @@ def _hardware() -> str:
 
 
 def _load_start(module: pl.LightningModule, path: str) -> None:
-    """Loads the state dict a ``save_weights=true`` run wrote (``init_from``) into ``module``."""
+    """Loads the state dict a ``save_weights=true`` run wrote, or a Lightning checkpoint's (``init_from``), into
+    ``module``."""
     file = Path(path)
     if not file.is_file():
         raise SGSCValueError(
-            f"`init_from` must be a weights file written by a run with save_weights=true, got {path!r}: no such file."
+            f"`init_from` must be a weights file (save_weights=true) or a Lightning checkpoint, got {path!r}: no such"
+            " file."
         )
     state = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint (.ckpt)
+        state = state["state_dict"]
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise SGSCValueError(

@@ -134,10 +134,25 @@ def test_a_budgeted_run_fine_tunes_a_saved_float_run_and_takes_its_value_as_the_
     assert result["budget"]["reference"] == pytest.approx(expected)
 
 
+def test_init_from_also_takes_a_lightning_checkpoint(tmp_path):
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+
+    cfg = _compose(["experiment=digits", "sgsc=float"])
+    module = instantiate({k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"})
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=instantiate(cfg.data))
+    ckpt = tmp_path / "float.ckpt"
+    trainer.save_checkpoint(ckpt)
+    expected = trainer.validate(module, datamodule=instantiate(cfg.data), verbose=False)[0]["val/acc"]
+    result = _fast(tmp_path, "digits", ["sgsc=budget", f"init_from={ckpt}", "sgsc.max_drop=0.01"])
+    assert expected > 0.5 and result["reference_value"] == pytest.approx(expected)
+
+
 def test_init_from_a_missing_or_foreign_file_is_refused(tmp_path):
     from lightning_sgsc import SGSCValueError
 
-    with pytest.raises(SGSCValueError, match=r"`init_from` .* no such file"):
+    with pytest.raises(SGSCValueError, match=r"`init_from` must be a weights file .* no such file"):
         _fast(tmp_path, "digits", [f"init_from={tmp_path / 'nope.pt'}"])
     names = _fast(
         tmp_path,
