@@ -44,6 +44,7 @@ class BudgetHooks:
         best_state_path: also write the best state within the budget to this file each time it changes (rank zero;
             a relative path is under the Trainer's ``default_root_dir``, e.g. next to your ``ModelCheckpoint``'s):
             ``{"state_dict": ..., "sgsc_best": {metric, bytes, ...}}``, for ``module.load_state_dict(f["state_dict"])``.
+            A state kept before the cool-down stays in the file until a cool-down state within the budget replaces it.
         keep_best: at fit end the module holds the best state within the budget (else the last one); if no state
             met it, a warning names the closest state seen (the least over the budget), which the module then holds.
         bit_weight: the callback's ``bit_weight``: the controller's starting weight (a constant > 0 with a budget).
