@@ -129,9 +129,8 @@ class BudgetController:
 
     @property
     def warming_up(self) -> bool:
-        """The size term is off: the first ``warmup`` checks (they establish the reference when none is given), and
-        after them until the smoothed metric first comes within the budget (a model still learning is not judged
-        against a reference it has not reached yet, so early checks cannot drive the weight down)."""
+        """The size term is off during the first ``warmup`` checks of an accuracy budget (they establish the
+        reference when none is given)."""
         return self.config.kind == "accuracy" and self.checks < self.config.warmup
 
     @property
@@ -187,12 +186,10 @@ class BudgetController:
             assert self.config.max_drop is not None
             drop = self.drop(self.smoothed)
             slack = self.config.max_drop - drop
-            if not steer:
-                pass
-            elif slack < -self._noise_margin() and not improving:
+            if steer and slack < -self._noise_margin() and not improving:
                 # over the budget beyond the noise, and not recovering: lower, twice as fast as it rises (safety first)
                 self.log_weight -= 2.0 * self.config.step * min(1.0, -slack / self.config.max_drop)
-            elif slack > self._noise_margin():  # room beyond the noise: compress more; within the noise: hold
+            elif steer and slack > self._noise_margin():  # room beyond the noise: compress more; within it: hold
                 self.log_weight += self.config.step * min(1.0, slack / self.config.max_drop)
             # met beyond doubt: the measurement within the budget, and the smoothed value by a margin of the noise
             within = self.drop(metric) <= self.config.max_drop and drop <= self.config.max_drop - self._noise_margin()

@@ -91,7 +91,7 @@ class BudgetHooks:
         self.monitor, self.keep_best, self.cooling = monitor, bool(keep_best), False
         if best_state_path is not None and not isinstance(best_state_path, (str, os.PathLike)):
             raise SGSCTypeError(describe_rule("best_state_path", "a file path (str) or None", best_state_path))
-        self.best_state_path = best_state_path
+        self.best_state_path = Path(best_state_path) if best_state_path is not None else None
         self._frozen = False  # the quantizer parameters are frozen for the cool-down (not checkpointed: redone)
         self.last: Check | None = None
         self.repaired = 0
@@ -183,11 +183,9 @@ class BudgetHooks:
 
     def _write_best(self, trainer: Any) -> None:
         """The best state within the budget to ``best_state_path`` (rank zero; written whole, then renamed)."""
-        if not trainer.is_global_zero or self.tracker is None:
+        if not trainer.is_global_zero or self.tracker is None or self.best_state_path is None:
             return
-        path = Path(self.best_state_path)  # type: ignore[arg-type]
-        if not path.is_absolute():
-            path = Path(trainer.default_root_dir) / path
+        path = Path(trainer.default_root_dir) / self.best_state_path  # an absolute path stays as it is
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
         torch.save({"state_dict": self.tracker.best_state, "sgsc_best": dict(self.tracker.best or {})}, partial)

@@ -155,7 +155,7 @@ def run(
         "epochs": epochs,
         "compress_epochs": compress_epochs,
         "seed": seed,
-        "settings": {k: v for k, v in settings.items()},
+        "settings": dict(settings),
         "size_table": small["size_table"],
         "hardware": f"{platform.machine()} CPU, {platform.system()}, Python {platform.python_version()}",
     }

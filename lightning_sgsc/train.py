@@ -34,7 +34,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_sgsc.callback import SafetyGuidedQuantization
-from lightning_sgsc.errors import SGSCValueError
+from lightning_sgsc.errors import SGSCValueError, describe_rule
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 """The configs ship inside the package (``conf/`` at the top of a checkout links here)."""
@@ -106,6 +106,19 @@ def _load_start(module: pl.LightningModule, path: str) -> None:
         )
 
 
+def _measure(cfg: DictConfig, module: pl.LightningModule, datamodule: Any, monitor: str) -> float:
+    """``monitor`` of ``module`` on the validation split, by a Trainer of the run's settings without callbacks; the
+    seed is set again after it, so the fit draws the same numbers with or without this measurement."""
+    probe: pl.Trainer = instantiate(cfg.trainer, callbacks=[], logger=False)
+    measured = probe.validate(module, datamodule=datamodule, verbose=False)[0]
+    if monitor not in measured:
+        raise SGSCValueError(
+            describe_rule("sgsc.monitor", f"a metric the validation loop logs ({sorted(measured)})", monitor)
+        )
+    pl.seed_everything(cfg.seed, workers=True)
+    return float(measured[monitor])
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fits, tests and (when compressing) exports one configuration; writes and returns its result."""
     from lightning_sgsc import model_size
@@ -124,17 +137,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     variant = sgsc_cfg.pop("variant")
     if cfg.get("init_from"):
         _load_start(module, cfg.init_from)
-        if enabled and sgsc_cfg.get("max_drop") is not None and sgsc_cfg.get("monitor") is not None:
-            if sgsc_cfg.get("reference_value") is None:  # the starting model's own value, before any compression
-                probe: pl.Trainer = instantiate(cfg.trainer, callbacks=[], logger=False)
-                measured = probe.validate(module, datamodule=datamodule, verbose=False)[0]
-                if sgsc_cfg["monitor"] not in measured:
-                    raise SGSCValueError(
-                        f"`sgsc.monitor` must be a metric the validation loop logs, got {sgsc_cfg['monitor']!r};"
-                        f" logged: {sorted(measured)}."
-                    )
-                sgsc_cfg["reference_value"] = float(measured[sgsc_cfg["monitor"]])
-                pl.seed_everything(cfg.seed, workers=True)  # the fit draws the same numbers with or without the probe
+        budgeted = enabled and sgsc_cfg.get("max_drop") is not None and sgsc_cfg.get("monitor") is not None
+        if budgeted and sgsc_cfg.get("reference_value") is None:  # the starting model's own value, uncompressed
+            sgsc_cfg["reference_value"] = _measure(cfg, module, datamodule, sgsc_cfg["monitor"])
     callback = instantiate(sgsc_cfg) if enabled else None
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[callback] if callback else [])
     start = time.perf_counter()
