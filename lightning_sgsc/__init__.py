@@ -1,8 +1,8 @@
 """lightning-sgsc: safety-guided self-compression for PyTorch Lightning.
 
-The public API is small: the callback, the mixin, the in-place swap and its twins, the size report, and the
-compressed artifact. Names are imported on first use (PEP 562), so ``import lightning_sgsc.export`` reads and
-writes artifacts with torch alone, without importing Lightning.
+The public API is small: the callback and its settings, the mixin, the in-place swap and its twins, the size report,
+the preservation set, and the compressed artifact. Names are imported on first use (PEP 562), so
+``import lightning_sgsc.export`` reads and writes artifacts with torch alone, without importing Lightning.
 """
 
 from __future__ import annotations
@@ -10,11 +10,19 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _EXPORTS: dict[str, str] = {
     "SafetyGuidedQuantization": "lightning_sgsc.callback",
     "SafetyGuidedMixin": "lightning_sgsc.mixin",
+    "Quantization": "lightning_sgsc.config",
+    "Losses": "lightning_sgsc.config",
+    "Preservation": "lightning_sgsc.config",
+    "Feedback": "lightning_sgsc.config",
+    "Budget": "lightning_sgsc.config",
+    "build_preservation_set": "lightning_sgsc.preservation.build",
+    "PreservationSet": "lightning_sgsc.preservation.set",
+    "runtime_session": "lightning_sgsc.deploy",
     "AlreadyQuantizedError": "lightning_sgsc.errors",
     "SGSCError": "lightning_sgsc.errors",
     "SGSCRuntimeError": "lightning_sgsc.errors",
@@ -38,7 +46,8 @@ __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from lightning_sgsc.callback import SafetyGuidedQuantization
-    from lightning_sgsc.deploy import export_onnx
+    from lightning_sgsc.config import Budget, Feedback, Losses, Preservation, Quantization
+    from lightning_sgsc.deploy import export_onnx, runtime_session
     from lightning_sgsc.errors import (
         AlreadyQuantizedError,
         SGSCError,
@@ -48,6 +57,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from lightning_sgsc.export import export_compressed, load_compressed
     from lightning_sgsc.mixin import SafetyGuidedMixin
+    from lightning_sgsc.preservation.build import build_preservation_set
+    from lightning_sgsc.preservation.set import PreservationSet
     from lightning_sgsc.prune import prune_zero_channels
     from lightning_sgsc.quant import QuantConv1d, QuantConv2d, QuantizedLayer, QuantLinear, dequantize_, quantize_
     from lightning_sgsc.size import ModelSize, model_size

@@ -1,21 +1,22 @@
-"""``SafetyGuidedQuantization``: Lightning glue for the quantizer, the loss terms and the feedback loop.
+"""``SafetyGuidedQuantization``: the Lightning glue. Pure modules decide, this one applies and logs.
 
-Hook by hook: ``setup`` swaps Conv/Linear layers for quantized twins (before the optimizer exists and before
-checkpoint weights load) and attaches to the module's mixin; ``on_fit_start`` gives ``bits``/``exponent`` a param
-group of their own (:mod:`.optim`); ``on_train_start``/``on_train_epoch_start``/``on_train_batch_start`` drive the
-preservation set (:mod:`.preservation.lifecycle`); each training step, the mixin asks :meth:`compression_terms`;
-``on_validation_epoch_end`` (``on_train_epoch_end`` without validation) measures the preservation set, restores or
-prunes (:mod:`.feedback`) and logs size metrics; ``on_validation_end`` (the epoch's metrics logged by then) steers the
-size penalty to a budget and keeps the best state within it (:mod:`.budget_hooks`, with a budget only).
+Hook by hook: ``setup`` swaps the layers for quantized twins (before the optimizer exists and before checkpoint weights
+load) and attaches to the module's mixin; ``on_fit_start`` gives ``bits``/``exponent`` a param group of their own
+(:mod:`.optim`); ``on_train_start``/``on_train_epoch_start``/``on_train_batch_start`` drive the preservation set
+(:mod:`.preservation.lifecycle`) and the cool-down (:class:`.budget.CoolDown`); each training step, the mixin asks
+:meth:`compression_terms`; ``on_validation_epoch_end`` (``on_train_epoch_end`` without validation) measures the
+preservation set, asks :class:`.feedback.FeedbackPolicy` for a decision and carries it out; ``on_validation_end`` (the
+epoch's metrics are logged by then) asks :class:`.budget.BudgetTracker` for a verdict on the budget and applies it.
+The settings are the dataclasses of :mod:`.config`; :mod:`.settings` turns arguments into them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,21 +24,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_sgsc.budget_hooks import BudgetHooks
-from lightning_sgsc.config import FeedbackConfig, LossWeights, QuantizationConfig, Schedule, check_int
-from lightning_sgsc.errors import SGSCRuntimeError, SGSCTypeError, describe_rule
-from lightning_sgsc.feedback import (
-    Action,
-    FeedbackPolicy,
-    apply_decision,
-    low_bit_channels,
-    mask_pruned_grads_,
-    raise_precision_,
-    select_top,
-)
+from lightning_sgsc.budget import BudgetTracker, CoolDown, Verdict
+from lightning_sgsc.config import Budget, Feedback, Losses, Preservation, Quantization, Schedule
+from lightning_sgsc.errors import SGSCRuntimeError, SGSCTypeError, SGSCValueError, describe_rule
+from lightning_sgsc.feedback import FeedbackPolicy, apply_decision, mask_pruned_grads_, repair_
 from lightning_sgsc.losses import l1_term, weighted_sum
 from lightning_sgsc.mixin import SafetyGuidedMixin
 from lightning_sgsc.norms import eval_mode
@@ -47,128 +39,88 @@ from lightning_sgsc.preservation.set import PreservationSet
 from lightning_sgsc.quant.fused import FusedQuantizer
 from lightning_sgsc.quant.modules import QuantizedLayer, quantized_layers, quantizer_parameters
 from lightning_sgsc.quant.swap import quantize_
+from lightning_sgsc.settings import Settings, resolve_settings
+from lightning_sgsc.signal import Direction
 from lightning_sgsc.size import model_size, size_metrics
-
-_BUDGET_ARGS = frozenset(inspect.signature(BudgetHooks).parameters)  # callback arguments passed on by name
 
 
 class SafetyGuidedQuantization(Callback):
-    """Learns a bit depth and exponent per output channel of every Conv/Linear layer while the model trains.
+    """Learns a bit depth and an exponent per output channel of every weight while the model trains.
+
+    Settings come grouped, one dataclass per concern (each documents its fields: ``help(Budget)``), or a mapping of a
+    group's fields (``budget={"max_drop": 0.01}``, as a config file gives it); the most used fields also as keyword
+    shortcuts. A shortcut sets its field; setting a field both ways, to two values, is an error.
 
     Args:
-        init_bits: starting bit depth, 2 to 16.
-        include: fnmatch patterns of layers to quantize (default: every Conv1d, Conv2d and Linear).
-        exclude: fnmatch patterns of layers to leave in float.
-        l1_weight: weight of the mean |w| term (a constant or a function of the epoch, as the two below).
-        bit_weight: weight of the average-bits-per-weight penalty.
-        preservation_weight: weight of the preservation loss (``None``: 1.0 when there is preservation data).
-        quantizer_lr: learning rate of the ``bits``/``exponent`` param group (``weight_decay`` 0 there).
-        preservation_data: a PreservationSet, Dataset or DataLoader of examples the compressed model must keep
-            right. ``None``: chosen from the training data (``build_preservation_set``, the arguments below).
-        preservation_size: size of that set (0: no set, no preservation loss, no feedback).
-        preservation_batch_size: batch of the preservation loss (``None``: the training batch, at most 32).
-        preservation_every_n_steps: add the preservation loss on every n-th training step only.
-        preservation_source: the data the set is chosen from (default: the training set; never the test split).
-        preservation_fractions: share of the set per strategy (``gradcam``, ``uncertainty``, ``kmeans``,
-            ``random``; default a third each of the first three).
-        preservation_warmup_epochs: training epochs before the set is scored and built (0: at the start).
-        preservation_pool: candidates scored, a seeded random subset of the training data (``None``: all).
-        balance_classes: cap each class at ``ceil(preservation_size / classes)`` examples of the set.
-        threshold: largest allowed drop of the preservation metric before channels are restored.
-        restore_fraction: fraction of zero-bit channels restored when the metric dropped, (0, 1].
-        restore_bits: bit depth of a restored channel.
-        min_channels: channels every quantized layer keeps at least.
-        prune: make zero-bit channels permanent when the metric held.
-        reference: ``"best"`` or ``"first"``: what the preservation metric is compared with.
+        quantization: which weights get a quantizer and how it starts (:class:`~lightning_sgsc.Quantization`).
+        losses: weights of the L1, size and preservation terms (:class:`~lightning_sgsc.Losses`).
+        preservation: the preservation set and its term (:class:`~lightning_sgsc.Preservation`).
+        feedback: the restore-and-prune loop (:class:`~lightning_sgsc.Feedback`).
+        budget: a budget instead of a fixed size penalty, and the cool-down (:class:`~lightning_sgsc.Budget`).
+        init_bits: shortcut for ``quantization.init_bits``.
+        include: shortcut for ``quantization.include``.
+        exclude: shortcut for ``quantization.exclude``.
+        bit_weight: shortcut for ``losses.bit_weight``.
+        preservation_size: shortcut for ``preservation.size``.
+        preservation_data: shortcut for ``preservation.data``.
+        max_drop: shortcut for ``budget.max_drop``.
+        monitor: shortcut for ``budget.monitor``.
+        mode: shortcut for ``budget.mode``.
+        cooldown_fraction: shortcut for ``budget.cooldown_fraction``.
         seed: seed of every random choice the callback makes.
-        max_history: feedback events kept in :attr:`history` (and the checkpoint); the oldest go first.
-        init_headroom: bits of room above each channel's largest weight at the swap, 0 to ``init_bits - 2``
-            (``None``: 2, or ``init_bits - 2`` if less): weights grow early on, and a clipped one gets no gradient.
-        compile_quantizer: run the quantizer's arithmetic through ``torch.compile`` (opt-in).
-        recalibrate_norms: recompute BatchNorm statistics on the preservation set before each measurement and after
-            each restore.
-        preservation_loss: ``"distill"`` (keep the compressed model's outputs on the set those of its float weights)
-            or ``"labels"`` (cross entropy on the set's labels, the paper's term); see the README.
-        distill_temperature: softmax temperature of the distillation term.
-        max_drop, monitor, mode, drop_type, reference_value, target_bytes, target_bits_per_weight,
-            budget_warmup_checks, cooldown_fraction, keep_best, best_state_path: a budget instead of a fixed size
-            penalty (``bit_weight`` is then the starting weight); see :class:`~lightning_sgsc.budget_hooks.BudgetHooks`
-            and the README's "Set a budget".
 
     Example::
 
         trainer = L.Trainer(callbacks=[SafetyGuidedQuantization(init_bits=8, bit_weight=0.02)])
+        trainer = L.Trainer(callbacks=[SafetyGuidedQuantization(budget=Budget(max_drop=0.01, monitor="val/acc",
+                                                                              mode="max"))])
         trainer.fit(model)   # model: class Net(SafetyGuidedMixin, L.LightningModule)
     """
 
     def __init__(
         self,
-        init_bits: float = 8.0,
+        quantization: Quantization = Quantization(),
+        losses: Losses = Losses(),
+        preservation: Preservation = Preservation(),
+        feedback: Feedback = Feedback(),
+        budget: Budget = Budget(),
+        *,
+        init_bits: float | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
-        l1_weight: Schedule = 0.0,
-        bit_weight: Schedule = 0.01,
-        preservation_weight: Schedule | None = None,
-        quantizer_lr: float = 0.01,
+        bit_weight: Schedule | None = None,
+        preservation_size: int | None = None,
         preservation_data: PreservationData | None = None,
-        preservation_size: int = 256,
-        preservation_batch_size: int | None = None,
-        preservation_every_n_steps: int = 8,
-        preservation_source: Dataset | DataLoader | None = None,
-        preservation_fractions: dict[str, float] | None = None,
-        preservation_warmup_epochs: int = 1,
-        preservation_pool: int | None = 10_000,
-        balance_classes: bool = False,
-        threshold: float = 0.02,
-        restore_fraction: float = 0.25,
-        restore_bits: float = 2.0,
-        min_channels: int = 1,
-        prune: bool = True,
-        reference: str = "best",
-        seed: int = 0,
-        max_history: int = 1000,
-        init_headroom: float | None = None,
-        compile_quantizer: bool = False,
-        recalibrate_norms: bool = True,
-        preservation_loss: str = "distill",
-        distill_temperature: float = 1.0,
         max_drop: float | None = None,
         monitor: str | None = None,
         mode: str | None = None,
-        drop_type: str = "absolute",
-        reference_value: float | None = None,
-        target_bytes: int | None = None,
-        target_bits_per_weight: float | None = None,
-        budget_warmup_checks: int = 1,
-        cooldown_fraction: float = 0.0,
-        keep_best: bool = True,
-        best_state_path: str | None = None,
+        cooldown_fraction: float | None = None,
+        seed: int = 0,
+        **deprecated: Any,
     ) -> None:
         super().__init__()
-        self.quant_config = QuantizationConfig(
-            init_bits, include, exclude, init_headroom, lr=quantizer_lr, compile=compile_quantizer
+        groups: dict[str, Any] = {"quantization": quantization, "losses": losses, "preservation": preservation}
+        groups.update(feedback=feedback, budget=budget)
+        shortcuts: dict[str, Any] = {"init_bits": init_bits, "include": include, "exclude": exclude}
+        shortcuts.update(
+            bit_weight=bit_weight, preservation_size=preservation_size, preservation_data=preservation_data
         )
-        self.loss_weights = LossWeights(
-            l1_weight, bit_weight, 1.0 if preservation_weight is None else preservation_weight
-        )
-        check_int("max_history", max_history, 1)
-        self.preservation = PreservationManager(  # the preservation_* arguments, in their order
-            *(preservation_data, preservation_size, preservation_batch_size, preservation_every_n_steps),
-            *(preservation_source, preservation_fractions, preservation_warmup_epochs, preservation_pool),
-            *(balance_classes, seed, preservation_loss, distill_temperature),
-        )
-        self.preservation.check_weight(preservation_weight)
-        self.feedback_config = FeedbackConfig(
-            threshold, restore_fraction, restore_bits, min_channels, reference=reference, prune=prune
-        )
-        self.quantizer_lr, self.recalibrate_norms = float(quantizer_lr), bool(recalibrate_norms)
-        self.seed, self.max_history = seed, max_history
-        self.policy = FeedbackPolicy(self.feedback_config)
-        self.budget = BudgetHooks(**{name: value for name, value in locals().items() if name in _BUDGET_ARGS})
-        self.history: list[dict[str, Any]] = []
-        self.swapped_layers: list[str] = []
+        shortcuts.update(max_drop=max_drop, monitor=monitor, mode=mode, cooldown_fraction=cooldown_fraction)
+        self.settings: Settings = resolve_settings(groups, shortcuts, deprecated)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise SGSCTypeError(describe_rule("seed", "an integer", seed))
+        self.preservation = PreservationManager(self.settings.preservation, seed)
+        self.policy = FeedbackPolicy(self.settings.feedback)
+        self.cooldown = CoolDown(self.settings.budget.cooldown_fraction)
+        self.tracker: BudgetTracker | None = None  # made in `setup`, where the metric's direction is known
+        self.history: list[dict[str, Any]] = []  # feedback events, newest last
+        self.budget_history: list[dict[str, Any]] = []  # budget checks, newest last
+        self.last_verdict: Verdict | None = None
+        self.repaired = 0
+        self._pending_budget: dict[str, Any] | None = None  # a checkpoint's budget state read before `setup`
         self._layers: list[QuantizedLayer] = []
         self._fused = FusedQuantizer([])
+        self._frozen = False  # the quantizer parameters are frozen for the cool-down
         self._feedback_epoch, self._any_pruned = -1, False
 
     @property
@@ -194,20 +146,26 @@ class SafetyGuidedQuantization(Callback):
         n = sum(isinstance(cb, SafetyGuidedQuantization) for cb in getattr(trainer, "callbacks", None) or [])
         if n > 1:
             raise SGSCRuntimeError(describe_rule("Trainer(callbacks=...)", "one SafetyGuidedQuantization", f"{n}"))
-        existing = quantized_layers(pl_module)
-        if existing:  # a second fit, or a model the user swapped: re-use, never swap twice
-            self.swapped_layers = [name for name, _ in existing]
-        else:
-            qc = self.quant_config
-            self.swapped_layers = quantize_(
-                pl_module, qc.init_bits, qc.include, qc.exclude, init_headroom=qc.init_headroom
-            )
-            rank_zero_info(f"[sgsc] quantized {len(self.swapped_layers)} layers at {qc.init_bits:g} bits")
+        if not quantized_layers(pl_module):  # a second fit, or a model the user swapped: re-use, never swap twice
+            q = self.settings.quantization
+            names = quantize_(pl_module, q.init_bits, q.include, q.exclude, init_headroom=q.init_headroom)
+            rank_zero_info(f"[sgsc] quantized {len(names)} layers at {q.init_bits:g} bits")
         self._layers = [m for _, m in quantized_layers(pl_module)]
-        self._fused = FusedQuantizer(self._layers, compile=self.quant_config.compile)
-        self.feedback_config = dataclasses.replace(self.feedback_config, mode=self.preservation.mode(pl_module))
-        self.policy.config = self.feedback_config
+        self._fused = FusedQuantizer(self._layers, compile=self.settings.quantization.compile)
+        self.policy.direction = self.preservation.direction(pl_module)
+        self._make_tracker(pl_module)
         pl_module.attach_compression(self)
+
+    def _make_tracker(self, pl_module: pl.LightningModule) -> None:
+        budget = self.settings.budget
+        if not budget.active or self.tracker is not None:
+            return
+        # the direction of the budget's metric: the user's `mode`, or the preservation metric's own
+        direction = Direction(budget.mode) if budget.monitor is not None else self.preservation.direction(pl_module)
+        self.tracker = BudgetTracker(budget, direction, float(self.settings.losses.bit_weight))  # type: ignore[arg-type]
+        if self._pending_budget is not None:
+            self.tracker.load_state_dict(self._pending_budget)
+            self._pending_budget = None
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -220,7 +178,8 @@ class SafetyGuidedQuantization(Callback):
         self._any_pruned = any(bool(layer.pruned.any()) for layer in self._layers)
         if trainer.optimizers:
             schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-            own_param_group(trainer.optimizers[0], quantizer_parameters(pl_module), self.quantizer_lr, schedulers)
+            lr = self.settings.quantization.lr
+            own_param_group(trainer.optimizers[0], quantizer_parameters(pl_module), lr, schedulers)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -235,7 +194,17 @@ class SafetyGuidedQuantization(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self.preservation.note_batch(trainer, batch)
-        self.budget.maybe_cool_down(trainer, pl_module, self.loss_weights)
+        if self.cooldown.fraction and self.cooldown.starts_now(trainer.global_step, trainer.estimated_stepping_batches):
+            if self.tracker is not None:
+                self.tracker.start_over()  # only the cool-down's states, at their final precision, compete now
+            rank_zero_info(f"[sgsc] cool-down from step {trainer.global_step}: size term off, bit depths frozen")
+        if self.cooldown.active and not self._frozen:  # once per fit, also after a resume into the cool-down
+            self._freeze_quantizers(pl_module, True)
+
+    def _freeze_quantizers(self, pl_module: pl.LightningModule, frozen: bool) -> None:
+        for param in quantizer_parameters(pl_module):
+            param.requires_grad_(not frozen)
+        self._frozen = frozen
 
     # ---------------------------------------------------------------------------------------------- loss terms
 
@@ -244,12 +213,22 @@ class SafetyGuidedQuantization(Callback):
         layers are quantized once, in one fused pass, for every forward of the step."""
         return self._fused.step()
 
+    def loss_weights(self, epoch: int) -> dict[str, float]:
+        """The weights of the terms at ``epoch``: the settings' schedules, with the size term's weight the budget
+        controller's while there is a budget (0 in its warm-up) and 0 in the cool-down."""
+        weights = self.settings.losses.at(epoch, has_preservation=self.settings.preservation.enabled)
+        if self.cooldown.active:
+            return {**weights, "bits": 0.0}
+        if self.tracker is not None:
+            return {**weights, "bits": self.tracker.controller.weight}
+        return weights
+
     def compression_terms(
         self, pl_module: SafetyGuidedMixin, base: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """``(weighted sum, raw terms)`` for one training step, the sum added to ``base`` (the task loss) when given;
         called by the mixin."""
-        weights = self.loss_weights.at(pl_module.current_epoch)  # type: ignore[attr-defined]
+        weights = self.loss_weights(pl_module.current_epoch)  # type: ignore[attr-defined]
         terms: dict[str, Tensor] = {"bits": self._fused.bits_per_weight()}
         used = {"bits": weights["bits"]}
         if weights["l1"]:
@@ -291,63 +270,160 @@ class SafetyGuidedQuantization(Callback):
 
     def measure_preservation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
         """The preservation metric of the model as it is now (:meth:`PreservationManager.metric`)."""
-        return self.preservation.metric(trainer, pl_module, self.recalibrate_norms)
+        return self.preservation.metric(trainer, pl_module, self.settings.preservation.recalibrate_norms)
 
     def _feedback(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Measures the preservation set, asks the policy, carries its decision out and records it. In the cool-down
+        the set is still measured (a budget on it judges the cool-down's states), and nothing is changed."""
         self._feedback_epoch = trainer.current_epoch
-        if self.preservation.set is not None and not self.budget.cooling:
+        if self.preservation.set is not None:
             metric = self.measure_preservation(trainer, pl_module)
-            decision = self.policy.decide(metric, self.preservation.noise)
-            if decision.action is Action.PRUNE and self.budget.violated:  # over the budget: nothing becomes permanent
-                decision = dataclasses.replace(decision, action=Action.SKIP)
-            if decision.action is Action.SKIP and not math.isfinite(metric):
+            violated = self.last_verdict is not None and self.last_verdict.violated
+            decision = self.policy.decide(
+                metric, self.preservation.noise, may_prune=not violated, may_act=not self.cooldown.active
+            )
+            if not math.isfinite(metric):
                 rank_zero_warn(f"[sgsc] preservation metric is {metric}; skipping restore/prune this time.")
-            scores = lambda: trainer.strategy.broadcast(self._restore_scores(pl_module), src=0)  # noqa: E731
+            config = self.settings.feedback
             with eval_mode(pl_module):
-                event = apply_decision(pl_module, decision, self.feedback_config, scores, list(trainer.optimizers))
-                if self.recalibrate_norms and (event.restored or event.kept_alive):
-                    # A restored channel was at zero bits when the statistics were taken (variance ~0): without new
-                    # statistics BatchNorm would scale its returning output by ~1/sqrt(eps).
-                    self.preservation.recalibrate(pl_module)
+                scores = lambda: self._restore_scores(trainer, pl_module, config.restore_bits)  # noqa: E731
+                event = apply_decision(pl_module, decision, config, scores, list(trainer.optimizers))
+                if event.restored or event.kept_alive:
+                    self._recalibrate(pl_module)
             self._any_pruned = any(bool(layer.pruned.any()) for layer in self._layers)
             event = dataclasses.replace(event, epoch=trainer.current_epoch, step=trainer.global_step)
-            self.history = [*self.history, event.as_dict()][-self.max_history :]
+            self.history = [*self.history, event.as_dict()][-config.max_history :]
             pl_module.log_dict({f"sgsc/{k}": float(v) for k, v in event.metrics().items()})
         pl_module.log_dict(size_metrics(model_size(pl_module)))
 
-    def _budget_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.budget.check(trainer, pl_module, self.history, self.loss_weights, lambda: self._repair(trainer, pl_module))
-        metrics = self.budget.metrics()
-        if metrics:  # this check's values; `self.log` is not allowed in on_validation_end, so they go to the
-            # loggers at this step and into callback_metrics (read by ModelCheckpoint/EarlyStopping, which run after)
-            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+    def _recalibrate(self, pl_module: pl.LightningModule) -> None:
+        """New BatchNorm statistics after precision came back: a channel restored from zero bits had a variance of
+        ~0 when the statistics were taken, and BatchNorm would scale its returning output by ~1/sqrt(eps)."""
+        if self.settings.preservation.recalibrate_norms:
+            self.preservation.recalibrate(pl_module)
 
-    def _restore_scores(self, pl_module: pl.LightningModule, bits: float | None = None) -> dict[str, Tensor]:
-        return self.preservation.restore_scores(pl_module, self.feedback_config.restore_bits if bits is None else bits)
+    def _restore_scores(self, trainer: pl.Trainer, pl_module: pl.LightningModule, bits: float) -> dict[str, Tensor]:
+        """Rank 0's restore scores at ``bits`` on every rank (a last-bit difference can never split the ranks)."""
+        return trainer.strategy.broadcast(self.preservation.restore_scores(pl_module, bits), src=0)
+
+    # -------------------------------------------------------------------------------------------------- budget
+
+    def _budget_signal(self, trainer: pl.Trainer) -> float | None:
+        """This check's value of the budget's metric: ``monitor`` from the logged metrics, or the preservation metric
+        measured at this epoch (``None`` when there is none yet)."""
+        monitor = self.settings.budget.monitor
+        if monitor is None:
+            if not self.history or self.history[-1]["epoch"] != trainer.current_epoch:
+                return None
+            return float(self.history[-1]["metric"])
+        if monitor not in trainer.callback_metrics:
+            logged = sorted(k for k in trainer.callback_metrics if not k.startswith("sgsc/"))
+            raise SGSCValueError(
+                describe_rule("budget.monitor", f"a metric the validation loop logs ({logged})", monitor)
+            )
+        return float(trainer.strategy.broadcast(float(trainer.callback_metrics[monitor]), src=0))
+
+    def _budget_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """One budget check: ask the tracker for a verdict, then apply it (keep the state it names, repair precision
+        over the budget) and log it."""
+        if self.tracker is None:
+            return
+        value = self._budget_signal(trainer)
+        if value is None:
+            return
+        size = model_size(pl_module)
+        steer = not self.cooldown.active
+        verdict = self.tracker.observe(value, size.total_bytes, size.bits_per_weight, trainer.global_step, steer)
+        self.last_verdict = verdict
+        if verdict.keep is not None:
+            self.tracker.keep(verdict, {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()})
+            if verdict.keep == "best":
+                self._write_best_state(trainer)
+        self.repaired = self._repair(trainer, pl_module) if verdict.violated and steer else 0
+        entry = {**dataclasses.asdict(verdict.check), "step": trainer.global_step, "bytes": size.total_bytes}
+        entry.update(repaired=self.repaired, cooling=self.cooldown.active)
+        self.budget_history = [*self.budget_history, entry][-self.settings.feedback.max_history :]
+        self._log_budget(trainer)
 
     def _repair(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
-        """Over the accuracy budget: ``restore_fraction`` of the channels at ``restore_bits`` bits or fewer (zero-bit
-        ones included) back to ``restore_bits + 2`` bits, those whose requantization lowers the preservation set's
-        label loss the most (first-order estimate); needs the preservation set. Returns the channels changed."""
+        """Over the accuracy budget: precision back to the low-bit channels that cost the preservation set most
+        (:func:`~lightning_sgsc.feedback.repair_`; needs the set)."""
         if self.preservation.set is None:
             return 0
-        config = self.feedback_config
-        bits = config.restore_bits + 2.0
-        candidates = low_bit_channels(pl_module, config.restore_bits)
-        if not any(bool(m.any()) for m in candidates.values()):
-            return 0
         with eval_mode(pl_module):
-            scores = trainer.strategy.broadcast(self._restore_scores(pl_module, bits), src=0)
-            changed = raise_precision_(pl_module, select_top(scores, candidates, config.restore_fraction), bits)
-        if changed and self.recalibrate_norms:
-            self.preservation.recalibrate(pl_module)
+            changed = repair_(
+                pl_module, lambda bits: self._restore_scores(trainer, pl_module, bits), self.settings.feedback
+            )
+        if changed:
+            self._recalibrate(pl_module)
         return changed
+
+    def budget_metrics(self) -> dict[str, float]:
+        """What the callback logs of the budget (under ``sgsc/``): the weight in force, the last check's slack, the
+        channels repaired, the bytes of the best state kept."""
+        if self.tracker is None or self.last_verdict is None:
+            return {}
+        out = {
+            "sgsc/bit_weight": self.loss_weights(0)["bits"] if self.cooldown.active else self.last_verdict.weight,
+            "sgsc/budget_slack": self.last_verdict.check.slack,
+            "sgsc/repaired_channels": float(self.repaired),
+        }
+        if self.tracker.best is not None:
+            out["sgsc/best_bytes"] = float(self.tracker.best["bytes"])
+        return out
+
+    def _log_budget(self, trainer: pl.Trainer) -> None:
+        # `self.log` is not allowed in on_validation_end: the values go to the loggers at this step and into
+        # callback_metrics (read by ModelCheckpoint/EarlyStopping, which run after)
+        metrics = self.budget_metrics()
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _write_best_state(self, trainer: pl.Trainer) -> None:
+        """The best state within the budget to ``budget.best_state_path`` (rank zero; written whole, then renamed)."""
+        path_setting = self.settings.budget.best_state_path
+        if path_setting is None or not trainer.is_global_zero or self.tracker is None:
+            return
+        path = Path(trainer.default_root_dir) / path_setting  # an absolute path stays as it is
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        torch.save({"state_dict": self.tracker.best_state, "sgsc_best": dict(self.tracker.best or {})}, partial)
+        partial.replace(path)  # a crash mid-write never leaves a truncated file under the user's name
+
+    def budget_summary(self) -> dict[str, Any] | None:
+        """What a report needs of the budget: the reference, the state kept (or the closest seen), every check."""
+        if self.tracker is None:
+            return None
+        ctl = self.tracker.controller
+        return {
+            "reference": ctl.reference.value,
+            "best": self.tracker.best,
+            "closest": self.tracker.closest,
+            "bit_weight": ctl.weight,
+            "checks": list(self.budget_history),
+        }
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.budget.on_fit_end(pl_module)
+        """Bit depths trainable again; the best state within the budget into the module (``budget.keep_best``)."""
+        self._freeze_quantizers(pl_module, False)
+        tracker = self.tracker
+        if tracker is None:
+            return
+        keep = self.settings.budget.keep_best
+        if tracker.best_state is not None:
+            if keep:
+                pl_module.load_state_dict(tracker.best_state)
+                rank_zero_info(f"[sgsc] the module holds the smallest state within the budget: {tracker.best}")
+            return
+        held = keep and tracker.closest_state is not None
+        if held:
+            pl_module.load_state_dict(tracker.closest_state)  # type: ignore[arg-type]
+        rank_zero_warn(
+            f"[sgsc] no state met the budget; the closest seen: {tracker.closest}"
+            + ("; the module holds it." if held else "; the module keeps its last state.")
+        )
 
     # ----------------------------------------------------------------------------------------------- state
 
@@ -356,15 +432,30 @@ class SafetyGuidedQuantization(Callback):
         return {
             "policy": self.policy.state_dict(),
             "history": [dict(e) for e in self.history],
-            "swapped_layers": list(self.swapped_layers),
             "preservation": self.preservation.state_dict(),
-            "budget": self.budget.state_dict(),
+            "budget": {
+                "tracker": self.tracker.state_dict() if self.tracker is not None else None,
+                "cooling": self.cooldown.active,
+                "last": dataclasses.asdict(self.last_verdict.check) if self.last_verdict is not None else None,
+                "history": [dict(h) for h in self.budget_history],
+            },
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from lightning_sgsc.budget import Check
+
         self.policy.load_state_dict(state_dict["policy"])
         self.history = [dict(e) for e in state_dict["history"]]
         legacy = {k[13:]: v for k, v in state_dict.items() if k.startswith("preservation_")}  # written by 0.1
         self.preservation.load_state_dict(state_dict.get("preservation", legacy))
-        self.budget.load_state_dict(state_dict.get("budget"), self.loss_weights)
+        budget = state_dict.get("budget") or {}
+        self.cooldown.load_state_dict({"active": budget.get("cooling", False)})
+        self.last_verdict = Verdict(Check(**budget["last"])) if budget.get("last") else None
+        self.budget_history = [dict(h) for h in budget.get("history", [])]
+        tracker_state = budget.get("tracker")
+        if tracker_state is not None and self.settings.budget.active:
+            if self.tracker is not None:
+                self.tracker.load_state_dict(tracker_state)
+            else:
+                self._pending_budget = tracker_state

@@ -25,24 +25,25 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-#: Settings the demo compresses with (measured in README's results; see `python -m lightning_sgsc.demo --help`).
-#: ``init_headroom=0``: exponents fitted tightly at the start, as the demo was tuned. Over its 40 epochs the default
-#: 2 bits of headroom cost accuracy here (94.4 % at 1.38 bits/weight with these settings, 97.5 % at bit_weight 0.25,
-#: against 98.6 % with none; README), while they help short runs (the peers bench's 1,000 steps).
-DEMO_SETTINGS: dict[str, Any] = dict(init_bits=8, init_headroom=0, bit_weight=0.5, quantizer_lr=0.01, threshold=0.005)
+from lightning_sgsc.settings import merge_settings
+
+#: Settings the demo compresses with, group by group (see `python -m lightning_sgsc.demo --help`).
+#: ``init_headroom=0``: exponents fitted tightly at the start, as the demo was tuned (the default 2 bits of headroom
+#: help short runs, such as the peers bench's 1,000 steps).
+DEMO_SETTINGS: dict[str, Any] = {
+    "quantization": {"init_bits": 8, "init_headroom": 0, "lr": 0.01},
+    "losses": {"bit_weight": 0.5},
+    "feedback": {"threshold": 0.005},
+}
 
 #: The demo's budget: as small as the controller can make it while the validation accuracy stays within 0.75 points
 #: of the float model's (``reference_value``, filled in by :func:`run`), fine-tuning the trained float model; the last
 #: quarter of the fit is the cool-down. No preservation set: under this budget the distillation term made the demo's
 #: models twice as large at the same mean test accuracy (experiments/README.md, "A budget").
-DEMO_BUDGET: dict[str, Any] = dict(
-    max_drop=0.0075,
-    monitor="val/acc",
-    mode="max",
-    budget_warmup_checks=0,
-    cooldown_fraction=0.25,
-    preservation_size=0,
-)
+DEMO_BUDGET: dict[str, Any] = {
+    "budget": {"max_drop": 0.0075, "monitor": "val/acc", "mode": "max", "warmup_checks": 0, "cooldown_fraction": 0.25},
+    "preservation": {"size": 0},
+}
 
 #: Share of the digits held out for validation in the demo: 360 images, so one image moves the accuracy by 0.28
 #: points (with the default 10 %, one image is 0.56 points, more than half the budget).
@@ -125,14 +126,14 @@ def run(
     lr: float = 3e-3,
     onnx: Path | None = None,
     compress_epochs: int = 60,
-    max_drop: float = DEMO_BUDGET["max_drop"],
+    max_drop: float = DEMO_BUDGET["budget"]["max_drop"],
 ) -> dict[str, Any]:
     """Trains the float model, then compresses it within ``max_drop`` of its validation accuracy (the budget's
     reference: the float model's, measured on the validation split); returns the figures (see the module
     docstring for the keys)."""
     plain = train_one(False, epochs, seed, lr, val_fraction=VAL_FRACTION)
-    budget = {**DEMO_BUDGET, "max_drop": max_drop, "reference_value": plain["val_acc"]}
-    settings = {**DEMO_SETTINGS, **budget}
+    reference = {"budget": {"max_drop": max_drop, "reference_value": plain["val_acc"]}}
+    settings = merge_settings(DEMO_SETTINGS, DEMO_BUDGET, reference)
     small = train_one(
         True, compress_epochs, seed, lr, settings, onnx=onnx, val_fraction=VAL_FRACTION, start=plain["module"]
     )
@@ -197,7 +198,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0, help="seed of data split, init and sampling (default 0)")
     parser.add_argument("--compress-epochs", type=int, default=60, help="epochs of the compressing fine-tune")
     parser.add_argument(
-        "--max-drop", type=float, default=DEMO_BUDGET["max_drop"], help="the budget: validation accuracy drop allowed"
+        "--max-drop",
+        type=float,
+        default=DEMO_BUDGET["budget"]["max_drop"],
+        help="the budget: validation accuracy drop allowed",
     )
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the weights")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")

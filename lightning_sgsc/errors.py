@@ -31,3 +31,7 @@ def describe_rule(arg: str, rule: str, value: object, hint: str | None = None) -
     """Formats the package-wide error message ``` `arg` must be rule, got value. hint```."""
     message = f"`{arg}` must be {rule}, got {value!r}."
     return f"{message} {hint}" if hint else message
+
+
+class SGSCDeprecationWarning(FutureWarning):
+    """An argument spelling that still works but goes in a later release (shown to users by default)."""

@@ -1,21 +1,24 @@
 """Restore-and-prune: the feedback loop that keeps the preservation set safe. No Trainer in here.
 
-At each check the preservation metric is compared with a reference (the best value so far, by default):
+:class:`FeedbackPolicy` judges each measurement of the preservation metric against its reference (the best value so
+far, by default) and returns a :class:`Decision`; the functions below carry decisions out on the model:
 
-* it degraded by more than ``threshold`` (and more than the measurement's own noise, when it has one): restore a
-  fraction of the zero-bit channels to ``restore_bits``,
-  choosing the channels whose return would lower the preservation loss the most (first-order Taylor estimate
-  ``|<dL/dw_q, w_restored>|``, see :func:`probe_weight_grads`);
-* otherwise: make the zero-bit channels permanent (pruned: ``b`` and weights frozen at zero, their optimizer state
-  cleared), never leaving a layer with fewer than ``min_channels`` channels;
-* a NaN/inf metric: do nothing (skip), so garbage never restores or prunes.
+* the first measurement sets the reference and decides nothing (there is nothing to compare it with);
+* it degraded by more than ``threshold`` (and more than the measurement's own noise): restore a fraction of the
+  zero-bit channels to ``restore_bits``, choosing the channels whose return would lower the preservation loss the most
+  (first-order Taylor estimate ``|<dL/dw_q, w_restored>|``, see :func:`taylor_restore_scores`);
+* otherwise, when pruning is allowed (not over a budget, not in the cool-down): make the zero-bit channels permanent
+  (pruned: ``b`` and weights frozen at zero, their optimizer state cleared), never leaving a layer with fewer than
+  ``min_channels`` channels;
+* a NaN/inf metric: skip, so garbage never restores or prunes.
+
+Over an accuracy budget, :func:`repair_` gives low-bit channels precision back (``restore_bits + 2``, at most 16).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
@@ -23,9 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_sgsc.config import FeedbackConfig, MetricMode, ReferencePolicy
+from lightning_sgsc.config import MAX_BITS, Feedback
 from lightning_sgsc.quant.functional import init_exponent, quantize
+from lightning_sgsc.quant.modes import coupled_norm, weight_probes
 from lightning_sgsc.quant.modules import QuantizedLayer, quantized_layers
+from lightning_sgsc.signal import Direction, Reference
 
 Masks = dict[str, Tensor]
 
@@ -40,50 +45,62 @@ class Action(str, Enum):
 
 @dataclass(frozen=True)
 class Decision:
-    """The verdict on one measurement of the preservation metric."""
+    """The verdict on one measurement of the preservation metric, and why."""
 
     action: Action
     metric: float
     reference: float | None
     degradation: float
+    reason: str = ""
 
 
 class FeedbackPolicy:
     """Compares each preservation measurement with a reference and says restore, prune or skip.
 
+    Args:
+        config: the loop's settings.
+        direction: whether a larger preservation metric is better (the module's ``preservation_metric_mode``).
+
     Stateful (the reference); :meth:`state_dict` / :meth:`load_state_dict` carry it through checkpoints.
     """
 
-    def __init__(self, config: FeedbackConfig) -> None:
+    def __init__(self, config: Feedback, direction: Direction | str = Direction.MAX) -> None:
         self.config = config
-        self.reference: float | None = None
+        self.reference = Reference(Direction(direction), config.reference)
 
-    def degradation(self, metric: float) -> float:
-        """How much worse ``metric`` is than the reference, in the metric's units (negative: better)."""
-        if self.reference is None:
-            return 0.0
-        if self.config.mode is MetricMode.MAX:
-            return self.reference - metric
-        return metric - self.reference
+    @property
+    def direction(self) -> Direction:
+        return self.reference.direction
 
-    def decide(self, metric: float, noise: float = 0.0) -> Decision:
+    @direction.setter
+    def direction(self, value: Direction | str) -> None:
+        self.reference.direction = Direction(value)
+
+    def decide(self, metric: float, noise: float = 0.0, may_prune: bool = True, may_act: bool = True) -> Decision:
         """Judges one measurement and updates the reference. A drop restores channels only when it exceeds both
-        ``threshold`` and ``noise`` (what the measurement itself can move by: a drop within it is not evidence)."""
+        ``threshold`` and ``noise`` (what the measurement itself can move by: a drop within it is not evidence).
+        ``may_prune=False`` (over a budget): a holding metric prunes nothing; ``may_act=False`` (the cool-down): the
+        measurement only updates the reference."""
         if not math.isfinite(metric):
-            return Decision(Action.SKIP, metric, self.reference, float("nan"))
-        drop = self.degradation(metric)
-        action = Action.RESTORE if drop > max(self.config.threshold, noise) else Action.PRUNE
-        reference = self.reference
-        better = drop < 0
-        if self.reference is None or (self.config.reference is ReferencePolicy.BEST and better):
-            self.reference = metric
-        return Decision(action, metric, reference, drop)
+            return Decision(Action.SKIP, metric, self.reference.value, math.nan, f"the metric is {metric}")
+        reference = self.reference.value
+        drop = self.reference.drop(metric)
+        self.reference.update(metric)
+        if reference is None:
+            return Decision(Action.SKIP, metric, None, 0.0, "the first measurement: it becomes the reference")
+        if not may_act:
+            return Decision(Action.SKIP, metric, reference, drop, "the cool-down: bit depths are frozen")
+        if drop > max(self.config.threshold, noise):
+            return Decision(Action.RESTORE, metric, reference, drop, "the metric dropped beyond threshold and noise")
+        if not may_prune:
+            return Decision(Action.SKIP, metric, reference, drop, "over the budget: nothing becomes permanent")
+        return Decision(Action.PRUNE, metric, reference, drop, "the metric held")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reference": self.reference}
+        return {"reference": self.reference.value}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reference = state["reference"]
+        self.reference.value = state["reference"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +117,7 @@ class Event:
     kept_alive: int = 0  # zero-bit channels brought back only so each layer keeps ``min_channels``
     epoch: int = -1
     step: int = -1
+    reason: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,9 +183,10 @@ def low_bit_channels(model: nn.Module, max_bits: float) -> Masks:
 def raise_precision_(model: nn.Module, selection: Masks, bits: float) -> int:
     """Brings the selected channels up to ``bits`` bits (never down), with exponents that clip none of their
     weights: a restore of zero-bit channels, or a repair of low-bit ones. Returns the number of channels changed."""
+    bits = min(float(bits), MAX_BITS)
     total = 0
     for layer, mask in _selected(model, selection):
-        layer.bits[mask] = torch.clamp(layer.bits[mask], min=float(bits))
+        layer.bits[mask] = torch.clamp(layer.bits[mask], min=bits)
         layer.exponent[mask] = init_exponent(layer.weight[mask], bits).to(layer.exponent.dtype)
         total += int(mask.sum())
     return total
@@ -181,38 +200,18 @@ def restore_candidates_value(layer: QuantizedLayer, bits: float) -> Tensor:
         return quantize(layer.weight, b, exp)
 
 
-@contextmanager
-def probe_weight_grads(model: nn.Module) -> Iterator[dict[str, Tensor]]:
-    """Within the block, each twin adds a zero tensor to its quantized weight; after ``loss.backward()`` the
-    returned dict holds ``dL/dw_q`` per layer (read it after the block)."""
-    layers = quantized_layers(model)
-    probes: dict[str, Tensor] = {}
-    for name, layer in layers:
-        probe = torch.zeros_like(layer.weight, dtype=torch.float32, requires_grad=True)
-        layer._weight_probe = probe
-        probes[name] = probe
-    grads: dict[str, Tensor] = {}
-    try:
-        yield grads
-    finally:
-        for name, layer in layers:
-            layer._weight_probe = None
-            g = probes[name].grad
-            grads[name] = g if g is not None else torch.zeros_like(probes[name])
-
-
 def taylor_restore_scores(
     model: nn.Module, batches: Iterable[Any], bits: float, loss: Callable[[Any], Tensor] | None = None
 ) -> dict[str, Tensor]:
     """``|sum_i g_ci * (w'_ci - w_ci)|`` per channel: first-order change of the loss summed over ``batches``
     (``loss(batch)``, default ``model.preservation_step``) if channel c were requantized at ``bits`` (``w'``) from its
     quantized weights now (``w``; 0 for a zero-bit channel); ``g`` is the loss's gradient at the quantized weights
-    (:func:`probe_weight_grads`)."""
+    (:func:`~lightning_sgsc.quant.modes.weight_probes`)."""
     loss_fn: Callable[[Any], Tensor] = loss if loss is not None else model.preservation_step  # type: ignore[assignment]
-    with torch.inference_mode(False), torch.enable_grad(), probe_weight_grads(model) as grads:
-        probes = [layer._weight_probe for _, layer in quantized_layers(model)]
+    with torch.inference_mode(False), torch.enable_grad(), weight_probes(model) as probes:
         for batch in batches:
-            loss_fn(batch).backward(inputs=probes)
+            loss_fn(batch).backward(inputs=list(probes.values()))
+    grads = {name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in probes.items()}
     scores = {}
     for name, layer in quantized_layers(model):
         with torch.no_grad():  # the change of the quantized weight (zero-bit channels: from 0)
@@ -257,7 +256,7 @@ def _clear_state(optimizers: Sequence[torch.optim.Optimizer], param: Tensor, mas
 def _frozen(layer: QuantizedLayer) -> list[Tensor]:
     """The tensors whose rows a pruned channel freezes: weight, bias, bits, and the affine parameters of the
     BatchNorm that reads the layer (see :func:`lightning_sgsc.norms.link_norms_`)."""
-    norm = layer.__dict__.get("_sgsc_norm")
+    norm = coupled_norm(layer)
     extra = [norm.weight, norm.bias] if norm is not None else []
     return [t for t in (layer.weight, layer.bias, layer.bits, *extra) if t is not None]
 
@@ -294,7 +293,7 @@ def mask_pruned_grads_(model: nn.Module | list[QuantizedLayer]) -> None:
 def apply_decision(
     model: nn.Module,
     decision: Decision,
-    config: FeedbackConfig,
+    config: Feedback,
     restore_scores: Callable[[], dict[str, Tensor]],
     optimizers: list[torch.optim.Optimizer] = (),  # type: ignore[assignment]
 ) -> Event:
@@ -318,4 +317,17 @@ def apply_decision(
         pruned=pruned,
         zero_bit=zero_bit,
         kept_alive=kept_alive,
+        reason=decision.reason,
     )
+
+
+def repair_(model: nn.Module, scores: Callable[[float], dict[str, Tensor]], config: Feedback) -> int:
+    """Over an accuracy budget: ``restore_fraction`` of the channels at ``restore_bits`` bits or fewer (zero-bit ones
+    included, pruned ones not) back to :attr:`~lightning_sgsc.config.Feedback.repair_bits`, those whose
+    requantization at that depth lowers the preservation loss the most (``scores(bits)``, called only when there are
+    candidates). Returns the number of channels changed."""
+    candidates = low_bit_channels(model, config.restore_bits)
+    if not any(bool(m.any()) for m in candidates.values()):
+        return 0
+    bits = config.repair_bits
+    return raise_precision_(model, select_top(scores(bits), candidates, config.restore_fraction), bits)

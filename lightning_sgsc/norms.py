@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_sgsc.quant.modes import couple_norm
 from lightning_sgsc.quant.modules import QuantizedLayer
 
 BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -110,6 +111,6 @@ def link_norms_(model: nn.Module, run: Callable[[], Any]) -> int:
     for twin_name, norm_name in links.items():
         twin, norm = modules.get(twin_name), modules.get(norm_name)
         if isinstance(twin, QuantizedLayer) and isinstance(norm, BatchNorm) and norm.num_features == twin.out_channels_:
-            twin.__dict__["_sgsc_norm"] = norm
+            couple_norm(twin, norm)
             made += 1
     return made

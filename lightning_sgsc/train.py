@@ -9,8 +9,8 @@ itself, ``<results_dir>/<run_name>.sgsc`` (reload it with :func:`lightning_sgsc.
 
 Fine-tuning a trained model: a run with ``save_weights=true`` also writes ``<results_dir>/<run_name>.pt`` (the
 module's state dict); another run starts from it with ``init_from=<that file>`` (or a Lightning ``.ckpt``). Under an
-accuracy budget (``sgsc.max_drop`` with ``sgsc.monitor``) and no ``sgsc.reference_value``, the reference is then the
-starting model's own validation value, measured before the fit (the float model the compression must stay near).
+accuracy budget (``sgsc.max_drop`` with ``sgsc.monitor``) and no ``sgsc.budget.reference_value``, the reference is then
+the starting model's own validation value, measured before the fit (the float model the compression must stay near).
 """
 
 from __future__ import annotations
@@ -34,17 +34,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_sgsc.callback import SafetyGuidedQuantization
+from lightning_sgsc.config import SETTINGS, field_help
 from lightning_sgsc.errors import SGSCValueError, describe_rule
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 """The configs ship inside the package (``conf/`` at the top of a checkout links here)."""
 
-_NOT_IN_YAML = ("preservation_data", "preservation_source")  # datasets: given in Python, not in a config
+_NOT_IN_YAML = frozenset({"preservation_data", "data", "source"})  # datasets: given in Python, not in a config
 
 
 def _yaml_type(hint: Any) -> Any:
-    """The type OmegaConf checks for a callback argument annotated ``hint`` (``X | None`` → ``Optional[X]``; a
-    schedule, ``float | Callable``, is a constant in a config; pass a function from Python)."""
+    """The type OmegaConf checks for an argument annotated ``hint`` (``X | None`` → ``Optional[X]``; a schedule,
+    ``float | Callable``, is a constant in a config; pass a function from Python)."""
     union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     inner = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
     origin = typing.get_origin(inner[0])
@@ -53,7 +54,9 @@ def _yaml_type(hint: Any) -> Any:
     elif len(inner) == 1 and origin in (list, collections.abc.Sequence):
         base = list[str]
     elif len(inner) == 1 and origin is dict:
-        base = dict[str, float]
+        # untyped: OmegaConf cannot merge `{a: 1}` into a typed dict node that is None, nor add keys to one in
+        # struct mode; the settings dataclass checks the value
+        base = Any
     elif len(inner) == 1:
         base = inner[0]
     else:
@@ -61,23 +64,78 @@ def _yaml_type(hint: Any) -> Any:
     return Optional[base] if union and len(inner) < len(typing.get_args(hint)) else base  # noqa: UP045
 
 
+def _group_schema(cls: type) -> type:
+    """A config dataclass with the fields of the settings dataclass ``cls`` (same names, types, defaults). The
+    callback receives it as a mapping and builds ``cls`` with the shortcuts applied (then validates it once)."""
+    hints = typing.get_type_hints(cls)
+    fields: list[tuple[str, Any, Any]] = []
+    for f in dataclasses.fields(cls):
+        if f.name in _NOT_IN_YAML:
+            continue
+        fields.append((f.name, _yaml_type(hints[f.name]), dataclasses.field(default=f.default)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Schema", fields)
+
+
 def _schema_from(cls: type) -> type:
-    """A dataclass with one field per argument of ``cls.__init__`` (same names, types and defaults), plus the app's
-    own ``_target_``, ``enabled`` and ``variant``: the callback's signature is the one source of truth."""
+    """The ``sgsc`` group's schema: the callback's settings groups (nested, each with its fields), its shortcuts
+    (``None``: not set), its seed, plus the app's own ``enabled`` and ``variant``. The settings dataclasses are the
+    one source of truth for names, types and defaults."""
     init = vars(cls)["__init__"]
     hints = typing.get_type_hints(init)
     fields: list[tuple[str, Any, Any]] = [("_target_", str, f"{cls.__module__.split('.')[0]}.{cls.__name__}")]
     for name, param in inspect.signature(init).parameters.items():
-        if name != "self" and name not in _NOT_IN_YAML:  # every default is immutable (None, numbers, strings)
+        if name in ("self", "deprecated") or name in _NOT_IN_YAML:
+            continue
+        if name in SETTINGS:
+            schema = _group_schema(SETTINGS[name])
+            fields.append((name, schema, dataclasses.field(default_factory=schema)))
+        else:
             fields.append((name, _yaml_type(hints[name]), dataclasses.field(default=param.default)))
     fields += [("enabled", bool, True), ("variant", str, "safe")]
     return dataclasses.make_dataclass("SGSCSchema", fields)
 
 
 SGSCSchema = _schema_from(SafetyGuidedQuantization)
-"""Typed view of ``conf/sgsc``: the arguments of :class:`~lightning_sgsc.SafetyGuidedQuantization`."""
+"""Typed view of ``conf/sgsc``: the settings groups and shortcuts of
+:class:`~lightning_sgsc.SafetyGuidedQuantization`."""
 
 ConfigStore.instance().store(group="sgsc", name="schema", node=SGSCSchema)
+
+
+def settings_help(width: int = 118) -> str:
+    """Every ``sgsc`` setting with its default and its help, from the settings dataclasses' docstrings (the text
+    ``--help`` shows)."""
+    import textwrap
+
+    from lightning_sgsc.settings import SHORTCUTS
+
+    lines = []
+    for group, cls in SETTINGS.items():
+        lines.append(f"sgsc.{group}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        defaults = cls()
+        for field, text in field_help(cls).items():
+            if field in _NOT_IN_YAML:
+                continue
+            head = f"  sgsc.{group}.{field}={getattr(defaults, field)!r}: "
+            lines.append(textwrap.fill(text, width, initial_indent=head, subsequent_indent=" " * 6))
+    shortcuts = ", ".join(f"sgsc.{k} ({g}.{f})" for k, (g, f) in SHORTCUTS.items() if k not in _NOT_IN_YAML)
+    lines.append(textwrap.fill(f"Shortcuts: {shortcuts}; sgsc.seed.", width, subsequent_indent="  "))
+    return "\n".join(lines)
+
+
+ConfigStore.instance().store(
+    group="hydra/help",
+    name="sgsc",
+    node={
+        "app_name": "sgsc-train",
+        "header": "sgsc-train: fit, test and export one configuration (python -m lightning_sgsc.train).",
+        "footer": "Use --hydra-help to view Hydra specific help; --cfg job to print the composed config.",
+        "template": "${hydra.help.header}\n== Configuration groups ==\nCompose your configuration from those groups"
+        " (group=option)\n\n$APP_CONFIG_GROUPS\n\n== SafetyGuidedQuantization settings ==\n"
+        + settings_help().replace("$", "")
+        + "\n\n== Config ==\nOverride anything in the config (foo.bar=value)\n\n$CONFIG\n\n${hydra.help.footer}\n",
+    },
+)
 
 
 def _hardware() -> str:
@@ -113,7 +171,7 @@ def _measure(cfg: DictConfig, module: pl.LightningModule, datamodule: Any, monit
     measured = probe.validate(module, datamodule=datamodule, verbose=False)[0]
     if monitor not in measured:
         raise SGSCValueError(
-            describe_rule("sgsc.monitor", f"a metric the validation loop logs ({sorted(measured)})", monitor)
+            describe_rule("sgsc.budget.monitor", f"a metric the validation loop logs ({sorted(measured)})", monitor)
         )
     pl.seed_everything(cfg.seed, workers=True)
     return float(measured[monitor])
@@ -137,9 +195,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     variant = sgsc_cfg.pop("variant")
     if cfg.get("init_from"):
         _load_start(module, cfg.init_from)
-        budgeted = enabled and sgsc_cfg.get("max_drop") is not None and sgsc_cfg.get("monitor") is not None
-        if budgeted and sgsc_cfg.get("reference_value") is None:  # the starting model's own value, uncompressed
-            sgsc_cfg["reference_value"] = _measure(cfg, module, datamodule, sgsc_cfg["monitor"])
+        budget = sgsc_cfg["budget"]
+        monitor = sgsc_cfg.get("monitor") or budget.get("monitor")
+        budgeted = enabled and (sgsc_cfg.get("max_drop") or budget.get("max_drop")) is not None and monitor is not None
+        if budgeted and budget.get("reference_value") is None:  # the starting model's own value, uncompressed
+            budget["reference_value"] = _measure(cfg, module, datamodule, monitor)
     callback = instantiate(sgsc_cfg) if enabled else None
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[callback] if callback else [])
     start = time.perf_counter()
@@ -161,7 +221,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     results_dir = Path(cfg.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("init_from"):
-        result.update(init_from=str(cfg.init_from), reference_value=sgsc_cfg.get("reference_value"))
+        result.update(init_from=str(cfg.init_from), reference_value=sgsc_cfg["budget"].get("reference_value"))
     if cfg.get("save_weights", False):  # the starting point of fine-tunes (init_from)
         weights = results_dir / f"{cfg.run_name}.pt"
         torch.save(module.state_dict(), weights)
@@ -177,7 +237,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             kept_alive_channels=sum(e.get("kept_alive", 0) for e in callback.history),
             feedback=callback.history,
             preservation_metric=callback.history[-1]["metric"] if callback.history else None,
-            budget=callback.budget.summary(),
+            budget=callback.budget_summary(),
         )
         if cfg.export:  # the artifact itself, next to its result: what was measured is what the user ships
             artifact = results_dir / f"{cfg.run_name}.sgsc"

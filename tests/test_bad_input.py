@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from lightning_sgsc import (
     AlreadyQuantizedError,
+    Feedback,
+    Preservation,
     SafetyGuidedQuantization,
     SGSCRuntimeError,
     SGSCTypeError,
@@ -67,13 +69,13 @@ def test_manual_optimisation_without_the_explicit_call(tmp_path):
 
 
 def test_unknown_strategy_name():
-    with pytest.raises(SGSCValueError, match=r"`fractions` must be keys among .* got 'entropy'"):
-        SafetyGuidedQuantization(preservation_fractions={"entropy": 1.0})
+    with pytest.raises(SGSCValueError, match=r"`preservation.fractions` must be keys among .* got 'entropy'"):
+        SafetyGuidedQuantization(preservation=Preservation(fractions={"entropy": 1.0}))
 
 
 def test_preservation_set_that_does_not_fit_the_model(tmp_path):
     wrong = torch.utils.data.TensorDataset(torch.randn(6, 3, 5, 5), torch.zeros(6).long())
-    with pytest.raises(SGSCValueError, match=r"`preservation_data` must be examples the model's preservation_outputs"):
+    with pytest.raises(SGSCValueError, match=r"`preservation.data` must be examples the model's preservation_outputs"):
         cpu_trainer(tmp_path, [SafetyGuidedQuantization(preservation_data=wrong)], max_epochs=1).fit(TinyClassifier())
 
 
@@ -102,5 +104,5 @@ def test_loader_given_a_corrupt_file(tmp_path):
 
 
 def test_max_history_must_be_positive():
-    with pytest.raises(SGSCValueError, match=r"`max_history` must be an integer >= 1, got 0\."):
-        SafetyGuidedQuantization(max_history=0)
+    with pytest.raises(SGSCValueError, match=r"`feedback.max_history` must be an integer >= 1, got 0\."):
+        SafetyGuidedQuantization(feedback=Feedback(max_history=0))

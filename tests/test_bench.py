@@ -75,14 +75,14 @@ def test_the_scaling_models_grow_as_named():
 
 def test_overhead_sides_use_the_callback_defaults_unless_a_preservation_batch_is_given():
     assert overhead._callback("float") == []
-    assert overhead._callback("quantizer")[0].preservation.size == 0
-    default = SafetyGuidedQuantization().preservation.batch_size
-    assert overhead._callback("sgsc")[0].preservation.batch_size == default
-    assert overhead._callback("sgsc", 16)[0].preservation.batch_size == 16
-    default_every = SafetyGuidedQuantization().preservation.every_n_steps
-    assert overhead._callback("sgsc")[0].preservation.every_n_steps == default_every
+    assert overhead._callback("quantizer")[0].settings.preservation.size == 0
+    default = SafetyGuidedQuantization().settings.preservation.batch_size
+    assert overhead._callback("sgsc")[0].settings.preservation.batch_size == default
+    assert overhead._callback("sgsc", 16)[0].settings.preservation.batch_size == 16
+    default_every = SafetyGuidedQuantization().settings.preservation.every_n_steps
+    assert overhead._callback("sgsc")[0].settings.preservation.every_n_steps == default_every
     extra = overhead._callback("sgsc_every_16", 16)[0]
-    assert extra.preservation.every_n_steps == 16 and extra.preservation.batch_size == 16
+    assert extra.settings.preservation.every_n_steps == 16 and extra.settings.preservation.batch_size == 16
 
 
 def test_also_every_n_adds_a_side_timed_in_the_same_rounds_with_its_own_ratio():
@@ -304,8 +304,8 @@ def test_pruning_size_counts_the_mask_the_int8_non_zeros_scales_and_biases():
 )
 def test_each_variant_of_ours_starts_at_its_bit_depth_and_counts_as_ours(method, bits, headroom):
     _, (callback,), _ = peers.build(method, 0.1)
-    assert callback.quant_config.init_bits == bits and callback.loss_weights.at(0)["bits"] == 0.1
-    assert callback.quant_config.init_headroom == headroom
+    assert callback.settings.quantization.init_bits == bits and callback.loss_weights(0)["bits"] == 0.1
+    assert callback.settings.quantization.init_headroom == headroom
     assert peers.is_ours(method) and not peers.is_ours("paper")
 
 
@@ -331,7 +331,7 @@ def test_overhead_compile_times_the_compiled_quantizer_as_its_own_side(monkeypat
     (result,) = summary["results"]
     assert summary["compile"] and result["sgsc_compiled_ms"] > 0 and result["ratio_compiled"] > 0
     assert "with torch.compile" in out
-    assert overhead._callback(overhead.COMPILED_SIDE)[0].quant_config.compile
+    assert overhead._callback(overhead.COMPILED_SIDE)[0].settings.quantization.compile
 
 
 def test_preservation_every_parses_seed_ranges_and_lists_and_refuses_the_rest():
@@ -361,14 +361,14 @@ def test_preservation_every_summary_means_and_per_seed_differences_against_the_f
 
 
 def test_peers_passes_extra_callback_arguments_to_ours_only():
-    _, (callback,), _ = peers.build("sgsc_h3", 0.01, 0, {"preservation_every_n_steps": 16})
+    _, (callback,), _ = peers.build("sgsc_h3", 0.01, 0, {"preservation": {"every_n_steps": 16}})
     assert (
-        callback.preservation.every_n_steps == 16 and callback.quant_config.init_headroom == 3
+        callback.settings.preservation.every_n_steps == 16 and callback.settings.quantization.init_headroom == 3
     )  # the variant's own kept
     _, (plain,), _ = peers.build("sgsc_h3", 0.01, 0)
-    assert plain.preservation.every_n_steps == SafetyGuidedQuantization().preservation.every_n_steps
-    with pytest.raises(ValueError, match=r"extra callback arguments \['preservation_every_n_steps'\] apply to ours"):
-        peers.build("pruning", 0.5, 0, {"preservation_every_n_steps": 16})
+    assert plain.settings.preservation.every_n_steps == SafetyGuidedQuantization().settings.preservation.every_n_steps
+    with pytest.raises(ValueError, match=r"extra callback arguments \['preservation'\] apply to ours"):
+        peers.build("pruning", 0.5, 0, {"preservation": {"every_n_steps": 16}})
 
 
 @pytest.mark.slow
@@ -379,7 +379,7 @@ def test_preservation_every_trains_the_demo_at_each_value(monkeypatch, capsys):
 
     class Spy(lightning_sgsc.SafetyGuidedQuantization):
         def __init__(self, **kwargs):
-            seen.append(kwargs["preservation_every_n_steps"])
+            seen.append(kwargs["preservation"]["every_n_steps"])
             super().__init__(**kwargs)
 
     monkeypatch.setattr(lightning_sgsc, "SafetyGuidedQuantization", Spy)

@@ -6,14 +6,44 @@ import csv
 import itertools
 import math
 import random
+import warnings
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_sgsc.budget import BudgetConfig, BudgetController, BudgetTracker
+from lightning_sgsc.budget import BudgetController, BudgetTracker
+from lightning_sgsc.config import Budget
 from lightning_sgsc.errors import SGSCValueError
+from lightning_sgsc.signal import Direction
+from tests.helpers.models import TinyClassifier, aggressive_callback, cpu_trainer
+
+
+def _budget(max_drop=None, reference=None, warmup=1, drop_type="absolute", target_bytes=None) -> Budget:
+    return Budget(
+        max_drop=max_drop,
+        reference_value=reference,
+        warmup_checks=warmup,
+        drop_type=drop_type,
+        target_bytes=target_bytes,
+    )
+
+
+def _ctl(weight: float = 0.01, mode: str = "max", smoothing: float = 0.5, **budget) -> BudgetController:
+    return BudgetController(_budget(**budget), Direction(mode), weight, smoothing=smoothing)
+
+
+def _tracker(weight: float = 0.01, smoothing: float = 0.5, **budget) -> BudgetTracker:
+    return BudgetTracker(_budget(**budget), Direction.MAX, weight, smoothing=smoothing)
+
+
+def _observe(tracker: BudgetTracker, metric, nbytes, bpw, step, state, steer=True):
+    verdict = tracker.observe(metric, nbytes, bpw, step, steer)
+    if verdict.keep is not None:
+        tracker.keep(verdict, state)
+    return verdict.check
 
 
 def _accuracy(weight: float) -> float:
@@ -33,7 +63,7 @@ def _run(controller: BudgetController, checks: int, noise: float, seed: int = 0)
 def test_it_converges_to_the_budget_and_neither_oscillates_nor_collapses_on_noise():
     # budget: at most 2 points below 0.95, so the weight should settle near 0.1 (accuracy 0.93)
     for seed in range(5):
-        ctl = BudgetController(BudgetConfig(max_drop=0.02, reference=0.95), initial_weight=0.01)
+        ctl = _ctl(0.01, max_drop=0.02, reference=0.95)
         weights = _run(ctl, 80, noise=0.0056, seed=seed)  # one image of 180, as digits' validation split
         tail = weights[-30:]
         assert all(0.03 < w < 0.3 for w in tail), (seed, tail)  # near the budget's weight, a factor 3 either way
@@ -43,7 +73,7 @@ def test_it_converges_to_the_budget_and_neither_oscillates_nor_collapses_on_nois
 
 
 def test_a_metric_that_never_moves_lets_the_weight_grow_and_a_violation_lowers_it_fast():
-    ctl = BudgetController(BudgetConfig(max_drop=0.02, reference=0.95, warmup=0), initial_weight=0.01)
+    ctl = _ctl(0.01, max_drop=0.02, reference=0.95, warmup=0)
     for _ in range(5):
         ctl.update(0.95)
     assert ctl.weight > 0.01 * math.exp(5 * 0.5) * 0.99
@@ -54,7 +84,7 @@ def test_a_metric_that_never_moves_lets_the_weight_grow_and_a_violation_lowers_i
 
 def test_a_model_still_improving_is_not_lowered_for_being_below_the_budget():
     # a model learning (or recovering after bit depths changed) is below the reference for a while: no panic
-    ctl = BudgetController(BudgetConfig(max_drop=0.01, reference=0.95, warmup=1, smoothing=0.0), 0.1)
+    ctl = _ctl(0.1, max_drop=0.01, reference=0.95, warmup=1, smoothing=0.0)
     for value in (0.80, 0.85, 0.90, 0.93):  # far below the budget, rising (the first check: the warm-up)
         ctl.update(value)
     assert ctl.weight == pytest.approx(0.1)
@@ -63,36 +93,36 @@ def test_a_model_still_improving_is_not_lowered_for_being_below_the_budget():
 
 
 def test_the_reference_rises_with_a_better_smoothed_value_when_none_is_given():
-    ctl = BudgetController(BudgetConfig(max_drop=0.01, warmup=1, smoothing=0.0), 0.1)
+    ctl = _ctl(0.1, max_drop=0.01, warmup=1, smoothing=0.0)
     ctl.update(0.90)
-    assert ctl.reference == pytest.approx(0.90)
+    assert ctl.reference.value == pytest.approx(0.90)
     ctl.update(0.95)  # the compressed model beats the warm-up: the float model would too
-    assert ctl.reference == pytest.approx(0.95)
+    assert ctl.reference.value == pytest.approx(0.95)
     ctl.update(0.80)
-    assert ctl.reference == pytest.approx(0.95)  # never lowered
+    assert ctl.reference.value == pytest.approx(0.95)  # never lowered
 
 
 def test_the_warm_up_runs_without_the_size_term_and_sets_the_reference():
-    ctl = BudgetController(BudgetConfig(max_drop=0.01, warmup=2), initial_weight=0.05)
+    ctl = _ctl(0.05, max_drop=0.01, warmup=2)
     assert ctl.weight == 0.0
     ctl.update(0.90)
     check = ctl.update(0.92)
-    assert check.warming_up and ctl.reference == pytest.approx(0.91)  # the best smoothed value so far
+    assert check.warming_up and ctl.reference.value == pytest.approx(0.91)  # the best smoothed value so far
     assert ctl.weight == pytest.approx(0.05)
     assert not ctl.update(0.80).warming_up
 
 
 def test_relative_drops_and_min_mode():
-    ctl = BudgetController(BudgetConfig(max_drop=0.1, drop_type="relative", mode="min", reference=2.0, warmup=0), 0.01)
+    ctl = _ctl(0.01, max_drop=0.1, drop_type="relative", mode="min", reference=2.0, warmup=0)
     assert ctl.drop(2.1) == pytest.approx(0.05) and ctl.drop(1.9) == pytest.approx(-0.05)
     assert ctl.update(2.1).within and not ctl.update(3.0).within
 
 
 def test_within_needs_a_margin_of_the_noise():
-    ctl = BudgetController(BudgetConfig(max_drop=0.02, reference=0.95, smoothing=0.0), 0.01)
+    ctl = _ctl(0.01, max_drop=0.02, reference=0.95, smoothing=0.0)
     ctl.update(0.95)
     ctl.update(0.90)  # a noisy pair: the noise estimate is now large
-    assert ctl.noise > 0.02
+    assert ctl.noise.value > 0.02
     assert not ctl.update(0.94).within  # 1 point below: inside the budget, not beyond doubt
 
 
@@ -100,16 +130,16 @@ def test_a_size_budget_steers_the_weight_to_the_target():
     def size(weight: float) -> float:
         return 100_000 / (1 + 10 * weight)
 
-    ctl = BudgetController(BudgetConfig(target_bytes=20_000), initial_weight=0.01)
+    ctl = _ctl(0.01, target_bytes=20_000)
     for _ in range(60):
         ctl.update(0.9, size(ctl.weight))
     assert 0.95 * 20_000 * 0.9 < size(ctl.weight) <= 20_000 * 1.05
 
 
 def test_the_state_round_trips_exactly():
-    a = BudgetController(BudgetConfig(max_drop=0.02, warmup=1), 0.01)
+    a = _ctl(0.01, max_drop=0.02, warmup=1)
     _run(a, 7, noise=0.01, seed=3)
-    b = BudgetController(BudgetConfig(max_drop=0.02, warmup=1), 0.01)
+    b = _ctl(0.01, max_drop=0.02, warmup=1)
     b.load_state_dict(a.state_dict())
     assert _run(a, 10, 0.01, seed=4) == _run(b, 10, 0.01, seed=4)
 
@@ -117,25 +147,25 @@ def test_the_state_round_trips_exactly():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"max_drop": 0.01, "target_bytes": 1000}, r"`max_drop` must be None when target_bytes"),
-        ({"target_bytes": 1000, "target_bits_per_weight": 2.0}, r"`target_bits_per_weight` must be None"),
-        ({"max_drop": -1}, r"`max_drop` must be a number > 0"),
-        ({"max_drop": 0.01, "drop_type": "percent"}, r"`drop_type` must be one of \('absolute', 'relative'\)"),
-        ({"max_drop": 0.01, "mode": "up"}, r"`mode` must be 'max' or 'min'"),
-        ({"target_bytes": 0}, r"`target_bytes` must be a number > 0"),
-        ({"max_drop": 0.01, "reference": float("nan")}, r"`reference_value` must be a finite number"),
-        ({"max_drop": 0.1, "drop_type": "relative", "reference": 0.0}, r"`reference_value` must be not 0"),
-        ({"max_drop": 0.01, "warmup": 0}, r"`budget_warmup_checks` must be >= 1 when no reference_value"),
+        ({"max_drop": 0.01, "target_bytes": 1000}, r"`budget.max_drop` must be None when target_bytes"),
+        ({"target_bytes": 1000, "target_bits_per_weight": 2.0}, r"`budget.target_bits_per_weight` must be None"),
+        ({"max_drop": -1}, r"`budget.max_drop` must be a number > 0"),
+        ({"max_drop": 0.01, "drop_type": "percent"}, r"`budget.drop_type` must be one of \('absolute', 'relative'\)"),
+        ({"max_drop": 0.01, "monitor": "val/acc", "mode": "up"}, r"`budget.mode` must be 'max' or 'min'"),
+        ({"target_bytes": 0}, r"`budget.target_bytes` must be a number > 0"),
+        ({"max_drop": 0.01, "reference_value": float("nan")}, r"`budget.reference_value` must be a finite number"),
+        ({"max_drop": 0.1, "drop_type": "relative", "reference_value": 0.0}, r"`budget.reference_value` must be not 0"),
+        ({"max_drop": 0.01, "warmup_checks": 0}, r"`budget.warmup_checks` must be >= 1 when no reference_value"),
     ],
 )
 def test_bad_budgets_are_refused_with_the_argument_named(kwargs, match):
     with pytest.raises(SGSCValueError, match=match):
-        BudgetConfig(**kwargs)
+        Budget(**kwargs)
 
 
 def test_a_budget_needs_a_positive_starting_weight():
-    with pytest.raises(SGSCValueError, match=r"`bit_weight` must be a constant > 0 with a budget"):
-        BudgetController(BudgetConfig(max_drop=0.01, reference=0.9), 0.0)
+    with pytest.raises(SGSCValueError, match=r"`losses.bit_weight` must be a constant > 0 with a budget"):
+        _ctl(0.0, max_drop=0.01, reference=0.9)
 
 
 # ------------------------------------------------------------------------------------------------ in a fit
@@ -144,13 +174,14 @@ def test_a_budget_needs_a_positive_starting_weight():
 def _digits_fit(tmp_path, **callback_kwargs):
     import lightning.pytorch as pl
 
-    from lightning_sgsc import SafetyGuidedQuantization
+    from lightning_sgsc import Quantization, SafetyGuidedQuantization
     from lightning_sgsc.examples import ClassifierModule, DigitsCNN, DigitsDataModule
 
     pl.seed_everything(0, verbose=False)
     data = DigitsDataModule(seed=0)
     module = ClassifierModule(DigitsCNN(), lr=3e-3)
-    cb = SafetyGuidedQuantization(init_bits=8, init_headroom=0, quantizer_lr=0.05, seed=0, **callback_kwargs)
+    quantization = Quantization(init_bits=8, init_headroom=0, lr=0.05)
+    cb = SafetyGuidedQuantization(quantization, seed=0, **callback_kwargs)
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=16, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[cb],
@@ -162,11 +193,10 @@ def _digits_fit(tmp_path, **callback_kwargs):
 
 @pytest.mark.slow
 def test_a_fixed_penalty_overshoots_the_budget_and_the_budgeted_run_does_not(tmp_path):
-    budgeted, val = _digits_fit(
-        tmp_path, bit_weight=1.0, max_drop=0.03, monitor="val/acc", mode="max", budget_warmup_checks=6
-    )
-    reference = budgeted.budget.tracker.controller.reference
-    assert reference is not None and budgeted.budget.tracker.best is not None
+    budget = Budget(max_drop=0.03, monitor="val/acc", mode="max", warmup_checks=6)
+    budgeted, val = _digits_fit(tmp_path, bit_weight=1.0, budget=budget)
+    reference = budgeted.tracker.controller.reference.value
+    assert reference is not None and budgeted.tracker.best is not None
     assert val >= reference - 0.03 - 1e-6  # the module holds the smallest state within the budget
     _, fixed_val = _digits_fit(tmp_path, bit_weight=1.0)
     assert fixed_val < reference - 0.03  # the same starting penalty, held fixed, goes past it
@@ -175,26 +205,31 @@ def test_a_fixed_penalty_overshoots_the_budget_and_the_budgeted_run_does_not(tmp
 def test_bad_budget_arguments_on_the_callback():
     from lightning_sgsc import SafetyGuidedQuantization
 
-    with pytest.raises(SGSCValueError, match=r"`mode` must be 'max' or 'min' exactly when `monitor` is given"):
+    with pytest.raises(SGSCValueError, match=r"`budget.mode` must be 'max' or 'min' exactly when `monitor` is given"):
         SafetyGuidedQuantization(max_drop=0.01, monitor="val/acc")
-    with pytest.raises(SGSCValueError, match=r"`mode` must be 'max' or 'min' exactly when `monitor` is given"):
+    with pytest.raises(SGSCValueError, match=r"`budget.mode` must be 'max' or 'min' exactly when `monitor` is given"):
         SafetyGuidedQuantization(max_drop=0.01, mode="max")
-    with pytest.raises(SGSCValueError, match=r"`bit_weight` must be a constant > 0 \(the budget's starting weight\)"):
+    with pytest.raises(SGSCValueError, match=r"`losses.bit_weight` must be a constant > 0 \(the budget's starting"):
         SafetyGuidedQuantization(max_drop=0.01, bit_weight=lambda epoch: 0.1)
-    with pytest.raises(SGSCValueError, match=r"`monitor` must be None without a budget \(max_drop, target_bytes"):
+    with pytest.raises(SGSCValueError, match=r"`budget.monitor` must be None without a budget \(max_drop, target_by"):
         SafetyGuidedQuantization(monitor="val/acc", mode="max")
-    with pytest.raises(SGSCValueError, match=r"`reference_value` must be None without a budget"):
-        SafetyGuidedQuantization(reference_value=0.9)
-    with pytest.raises(SGSCValueError, match=r"`cooldown_fraction` must be in \[0, 1\]"):
+    with pytest.raises(SGSCValueError, match=r"`budget.reference_value` must be None without a budget"):
+        SafetyGuidedQuantization(budget=Budget(reference_value=0.9))
+    with pytest.raises(SGSCValueError, match=r"`budget.cooldown_fraction` must be in \[0, 1\]"):
         SafetyGuidedQuantization(cooldown_fraction=1.5)
+    # a budget with no signal at all never acts: refused
+    with pytest.raises(SGSCValueError, match=r"`budget.monitor` must be a metric the validation loop logs when there"):
+        SafetyGuidedQuantization(max_drop=0.01, preservation_size=0)
 
 
 def test_a_monitor_that_is_never_logged_is_named_with_what_is(tmp_path):
     from lightning_sgsc import SafetyGuidedQuantization
     from tests.helpers.models import TinyClassifier, cpu_trainer
 
-    cb = SafetyGuidedQuantization(max_drop=0.01, monitor="val/accuracy", mode="max", preservation_warmup_epochs=0)
-    with pytest.raises(SGSCValueError, match=r"`monitor` must be a metric the validation loop logs \(\[.*'val/acc'"):
+    cb = SafetyGuidedQuantization(max_drop=0.01, monitor="val/accuracy", mode="max", preservation_size=0)
+    with pytest.raises(
+        SGSCValueError, match=r"`budget.monitor` must be a metric the validation loop logs \(\[.*'val/acc'"
+    ):
         cpu_trainer(tmp_path, [cb], max_epochs=1).fit(TinyClassifier())
 
 
@@ -202,39 +237,38 @@ def test_a_monitor_that_is_never_logged_is_named_with_what_is(tmp_path):
 
 
 def test_the_tracker_keeps_the_smallest_state_within_the_budget_and_forgets_it_at_the_cool_down():
-    tracker = BudgetTracker(BudgetConfig(max_drop=0.02, reference=0.95, warmup=0, smoothing=0.0), 0.01)
-    tracker.observe(0.95, 1000, 4.0, 1, lambda: "a")
-    tracker.observe(0.945, 800, 3.0, 2, lambda: "b")  # smaller and within
-    tracker.observe(0.93, 500, 2.0, 3, lambda: "c")  # smaller, at the budget but not beyond the noise
+    tracker = _tracker(0.01, max_drop=0.02, reference=0.95, warmup=0, smoothing=0.0)
+    _observe(tracker, 0.95, 1000, 4.0, 1, "a")
+    _observe(tracker, 0.945, 800, 3.0, 2, "b")  # smaller and within
+    _observe(tracker, 0.93, 500, 2.0, 3, "c")  # smaller, at the budget but not beyond the noise
     assert tracker.best_state == "b" and tracker.best is not None and tracker.best["bytes"] == 800
     tracker.start_over()  # the cool-down: only states at the final precision compete now
     assert tracker.best_state is None and tracker.closest is not None and tracker.closest["bytes"] == 800
     assert tracker.closest_state == "b"  # held at the end if no state of the cool-down meets the budget
-    check = tracker.observe(0.95, 500, 2.0, 4, lambda: "d", steer=False)
+    check = _observe(tracker, 0.95, 500, 2.0, 4, "d", steer=False)
     assert tracker.best_state == "d" and check.weight == tracker.controller.weight  # judged, not steered
 
 
 def test_a_kept_state_is_dropped_when_the_reference_rises_past_it():
-    tracker = BudgetTracker(BudgetConfig(max_drop=0.02, warmup=1, smoothing=0.0), 0.01)
-    tracker.observe(0.90, 1000, 4.0, 1, lambda: "warm-up")
-    tracker.observe(0.895, 800, 3.0, 2, lambda: "b")
+    tracker = _tracker(0.01, max_drop=0.02, warmup=1, smoothing=0.0)
+    _observe(tracker, 0.90, 1000, 4.0, 1, "warm-up")
+    _observe(tracker, 0.895, 800, 3.0, 2, "b")
     assert tracker.best_state == "b"
-    tracker.observe(0.95, 900, 3.5, 3, lambda: "c")  # the reference is now 0.95: "b" is 5.5 points below it
+    _observe(tracker, 0.95, 900, 3.5, 3, "c")  # the reference is now 0.95: "b" is 5.5 points below it
     assert tracker.best_state is None and tracker.closest is not None  # nothing within it is kept
 
 
 def test_over_the_budget_the_loop_prunes_nothing_and_low_bit_channels_get_precision_back(tmp_path):
-    from tests.helpers.models import TinyClassifier, aggressive_callback, cpu_trainer
 
     torch.manual_seed(0)
     # an unreachable reference: every check after the warm-up is over the budget
-    budget = dict(max_drop=0.01, monitor="val/acc", mode="max", reference_value=1.5, budget_warmup_checks=1)
-    cb = aggressive_callback(**budget)
+    budget = Budget(max_drop=0.01, monitor="val/acc", mode="max", reference_value=1.5, warmup_checks=1)
+    cb = aggressive_callback(budget=budget)
     logger = CSVLogger(tmp_path, name="csv")
     trainer = cpu_trainer(tmp_path, [cb], max_epochs=4, logger=logger)
     with pytest.warns(UserWarning, match=r"no state met the budget; the closest seen: \{'metric'.*the module holds it"):
         trainer.fit(TinyClassifier(lr=0.05))
-    checks = cb.budget.history
+    checks = cb.budget_history
     # what is logged is each check's own value (not the previous check's), in callback_metrics and in the logger
     assert float(trainer.callback_metrics["sgsc/bit_weight"]) == pytest.approx(checks[-1]["weight"])
     assert float(trainer.callback_metrics["sgsc/budget_slack"]) == pytest.approx(checks[-1]["slack"])
@@ -247,7 +281,7 @@ def test_over_the_budget_the_loop_prunes_nothing_and_low_bit_channels_get_precis
     assert checks[-1]["weight"] < checks[1]["weight"]  # the controller lowered the size penalty
     after_warm_up = [e for e in cb.history if e["epoch"] >= 2]  # the feedback of epoch e sees check e - 1's verdict
     assert after_warm_up and all(e["pruned"] == 0 and e["action"] != "prune" for e in after_warm_up)
-    tracker = cb.budget.tracker
+    tracker = cb.tracker
     assert tracker is not None and tracker.best is None and tracker.closest is not None  # nothing met it
     closest = tracker.closest_state  # the least bad state seen is what the module holds
     assert closest is not None and all(
@@ -255,36 +289,122 @@ def test_over_the_budget_the_loop_prunes_nothing_and_low_bit_channels_get_precis
     )
 
 
-def test_the_callback_passes_every_budget_argument_on_with_the_same_default():
-    import inspect
-
-    from lightning_sgsc import SafetyGuidedQuantization
-    from lightning_sgsc.budget_hooks import BudgetHooks
-
-    callback = inspect.signature(SafetyGuidedQuantization).parameters
-    for name, param in inspect.signature(BudgetHooks).parameters.items():
-        assert name in callback and callback[name].default == param.default, name
-    hooks = SafetyGuidedQuantization(max_drop=0.02, monitor="val/loss", mode="min", budget_warmup_checks=2).budget
-    assert (hooks.monitor, hooks.tracker.controller.config.mode) == ("val/loss", "min")
-    assert hooks.tracker.controller.config.warmup == 2
-
-
 def test_the_best_state_within_the_budget_is_also_written_to_a_file_when_asked(tmp_path):
     from lightning_sgsc import SafetyGuidedQuantization
-    from tests.helpers.models import TinyClassifier, aggressive_callback, cpu_trainer
 
     torch.manual_seed(0)  # a reference every state meets: each smaller state within the budget replaces the kept one
-    budget = dict(max_drop=0.5, monitor="val/acc", mode="max", reference_value=0.0, budget_warmup_checks=0)
-    cb = aggressive_callback(**budget, preservation_size=0, best_state_path="sgsc/best.pt")
+    budget = Budget(
+        max_drop=0.5,
+        monitor="val/acc",
+        mode="max",
+        reference_value=0.0,
+        warmup_checks=0,
+        best_state_path="sgsc/best.pt",
+    )
+    cb = aggressive_callback(budget=budget, preservation_size=0)
     trainer = cpu_trainer(tmp_path, [cb], max_epochs=3)
     trainer.fit(TinyClassifier(lr=0.05))
     saved = torch.load(tmp_path / "sgsc" / "best.pt", weights_only=True)  # relative: under default_root_dir
-    tracker = cb.budget.tracker
+    tracker = cb.tracker
     assert tracker is not None and tracker.best is not None
     assert saved["sgsc_best"] == tracker.best and set(saved["state_dict"]) == set(tracker.best_state)
     assert all(torch.equal(v, tracker.best_state[k]) for k, v in saved["state_dict"].items())
     assert not list((tmp_path / "sgsc").glob("*.partial"))
-    with pytest.raises(SGSCValueError, match=r"`best_state_path` must be None without a budget"):
-        SafetyGuidedQuantization(best_state_path="best.pt")
-    with pytest.raises(TypeError, match=r"`best_state_path` must be a file path"):
-        SafetyGuidedQuantization(max_drop=0.01, best_state_path=3)
+    with pytest.raises(SGSCValueError, match=r"`budget.best_state_path` must be None without a budget"):
+        SafetyGuidedQuantization(budget=Budget(best_state_path="best.pt"))
+    with pytest.raises(TypeError, match=r"`budget.best_state_path` must be a file path"):
+        Budget(max_drop=0.01, best_state_path=3)
+
+
+# ------------------------------------------------------------------------- bugs the old shape hid (issue 28)
+
+
+class _BitsGrad(pl.Callback):
+    """Records, at each optimizer step, the largest |gradient| any `bits` parameter received."""
+
+    def __init__(self) -> None:
+        self.grads: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [
+            p.grad.abs().max() for n, p in pl_module.named_parameters() if n.endswith(".bits") and p.grad is not None
+        ]
+        self.grads.append(float(max(grads)) if grads else 0.0)
+
+
+def test_a_budget_warm_up_trains_without_the_size_term(tmp_path):
+    from lightning_sgsc import Budget, SafetyGuidedQuantization
+
+    torch.manual_seed(0)
+    # 8 bits with 2 bits of headroom: no weight clips, so the task loss gives `bits` exactly no gradient; only the size
+    # term does. During the warm-up (the first check, here the first epoch) there must be none.
+    budget = Budget(max_drop=0.01, monitor="val/acc", mode="max", warmup_checks=1)
+    cb = SafetyGuidedQuantization(init_bits=8, bit_weight=5.0, budget=budget, preservation_size=0)
+    spy = _BitsGrad()
+    cpu_trainer(tmp_path, [cb, spy], max_epochs=1).fit(TinyClassifier())
+    assert spy.grads and max(spy.grads) == 0.0, spy.grads
+
+
+def test_a_budget_on_the_preservation_metric_keeps_a_state_from_the_cool_down(tmp_path):
+    torch.manual_seed(0)
+    # monitor=None: the preservation metric is the budget's signal, also during the cool-down
+    cb = aggressive_callback(budget=Budget(max_drop=0.5, reference_value=0.0, warmup_checks=0, cooldown_fraction=0.5))
+    trainer = cpu_trainer(tmp_path, [cb], max_epochs=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "no state met the budget" would be a UserWarning
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*number of training batches.*")
+        trainer.fit(TinyClassifier(lr=0.05))
+    cooling_checks = [c for c in cb.budget_history if c["cooling"]]
+    assert cooling_checks, cb.budget_history
+    assert cb.tracker.best is not None and cb.tracker.best["step"] >= cooling_checks[0]["step"]
+
+
+class _LossMetricClassifier(TinyClassifier):
+    """A module whose preservation metric is a loss (lower is better), falling at every check."""
+
+    preservation_metric_mode = "min"
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.05)
+        self.values = iter([3.0, 2.0, 1.5, 1.2, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+
+    def preservation_evaluate(self, batches):
+        for _ in batches:
+            pass
+        return next(self.values)
+
+
+def test_a_budget_on_a_loss_like_preservation_metric_is_steered_with_lower_being_better(tmp_path):
+    torch.manual_seed(0)
+    cb = aggressive_callback(budget=Budget(max_drop=0.1), preservation={"warmup_epochs": 0}, bit_weight=0.5)
+    cpu_trainer(tmp_path, [cb], max_epochs=5).fit(_LossMetricClassifier())
+    checks = [c for c in cb.budget_history if not c["warming_up"]]
+    assert checks and all(c["drop"] <= 0 for c in checks), checks  # a falling loss is never a drop
+    assert all(c["reference"] == c["smoothed"] for c in checks)  # each lower smoothed loss is the new reference
+    assert all(c["weight"] >= 0.5 for c in checks)  # never lowered (on main: lowered at every check)
+
+
+class _MaxBits(pl.Callback):
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def on_validation_end(self, trainer, pl_module):
+        self.seen.append(max(float(p.detach().max()) for n, p in pl_module.named_parameters() if n.endswith(".bits")))
+
+
+def test_a_repair_never_gives_a_channel_more_than_16_bits_and_the_file_reloads(tmp_path):
+    from lightning_sgsc import export_compressed, load_compressed
+    from tests.helpers.models import TinyConvNet
+
+    torch.manual_seed(0)
+    budget = Budget(max_drop=0.01, monitor="val/acc", mode="max", reference_value=1.5, warmup_checks=1)
+    cb = aggressive_callback(init_bits=8, feedback={"restore_bits": 15, "restore_fraction": 1.0}, budget=budget)
+    module = TinyClassifier(lr=0.05)
+    spy = _MaxBits()  # after the callback: sees each check's repairs
+    with pytest.warns(UserWarning, match="no state met the budget"):
+        cpu_trainer(tmp_path, [cb, spy], max_epochs=3).fit(module)
+    assert sum(c["repaired"] for c in cb.budget_history) > 0
+    assert spy.seen and max(spy.seen) <= 16, spy.seen
+    export_compressed(module.net, tmp_path / "net.sgsc")
+    load_compressed(tmp_path / "net.sgsc", TinyConvNet())

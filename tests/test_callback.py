@@ -1,5 +1,7 @@
 """The callback and the mixin in a real CPU Trainer."""
 
+import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -7,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from lightning_sgsc import SafetyGuidedQuantization, quantize_
+from lightning_sgsc import Feedback, Losses, Preservation, Quantization, SafetyGuidedQuantization, quantize_
 from lightning_sgsc.losses import distillation_loss
 from lightning_sgsc.quant import QuantConv2d, QuantLinear, quantized_layers
-from lightning_sgsc.quant.modules import float_weights
+from lightning_sgsc.quant.modes import float_weights
 from tests.helpers.models import TinyClassifier, blob_data, cpu_trainer
 
 
@@ -35,7 +37,7 @@ class Snapshot(Callback):
 def test_layers_are_swapped_in_setup_and_b_e_get_their_own_param_group(tmp_path):
     model = TinyClassifier(weight_decay=0.3)
     snap = Snapshot()
-    cb = SafetyGuidedQuantization(init_bits=4, bit_weight=0.5, quantizer_lr=0.05)
+    cb = SafetyGuidedQuantization(init_bits=4, bit_weight=0.5, quantization=Quantization(lr=0.05))
     trainer = cpu_trainer(tmp_path, [cb, snap], max_epochs=1, limit_train_batches=1)
     trainer.fit(model)
     assert isinstance(model.net.features[0], QuantConv2d) and isinstance(model.net.head, QuantLinear)
@@ -57,7 +59,7 @@ def test_layers_are_swapped_in_setup_and_b_e_get_their_own_param_group(tmp_path)
 def test_the_swap_leaves_the_chosen_headroom(headroom, top):
     # The largest weight of every channel lands at (2^7 - 1) / 2^headroom: 2 bits of room by default at 8 bits.
     model = TinyClassifier()
-    SafetyGuidedQuantization(init_bits=8, init_headroom=headroom).setup(None, model, "fit")  # type: ignore[arg-type]
+    SafetyGuidedQuantization(init_bits=8, quantization=Quantization(init_headroom=headroom)).setup(None, model, "fit")  # type: ignore[arg-type]
     for _, layer in quantized_layers(model):
         assert layer.integer_weight().flatten(1).abs().amax(1).tolist() == [top] * layer.out_channels_
 
@@ -66,7 +68,9 @@ def test_adamw_weight_decay_does_not_touch_b_and_e(tmp_path):
     # No gradient reaches b or e (no size penalty, nothing clips at init, lr tiny): any change would be decay.
     model = TinyClassifier(lr=1e-9, weight_decay=1.0)
     snap = Snapshot()
-    cb = SafetyGuidedQuantization(init_bits=8, bit_weight=0.0, preservation_weight=0.0, quantizer_lr=1.0)
+    cb = SafetyGuidedQuantization(
+        init_bits=8, bit_weight=0.0, losses=Losses(preservation_weight=0.0), quantization=Quantization(lr=1.0)
+    )
     trainer = cpu_trainer(tmp_path, [cb, snap], max_epochs=1, limit_train_batches=1)
     trainer.fit(model)
     assert torch.equal(snap.after["bits"], snap.before["bits"])
@@ -86,11 +90,9 @@ def test_each_loss_term_is_logged_and_added(tmp_path, every_n):
             seen.append({**step, "total": float(outputs["loss"])})
 
     cb = SafetyGuidedQuantization(
-        l1_weight=0.1,
+        losses=Losses(l1_weight=0.1, preservation_weight=2.0),
+        preservation=Preservation(warmup_epochs=0, every_n_steps=every_n),
         bit_weight=0.01,
-        preservation_weight=2.0,
-        preservation_warmup_epochs=0,
-        preservation_every_n_steps=every_n,
     )
     trainer = cpu_trainer(tmp_path, [cb, Grab()], max_epochs=1, limit_train_batches=2, log_every_n_steps=1)
     trainer.fit(model)
@@ -127,8 +129,8 @@ def test_loss_weights_follow_their_schedule_and_changes_made_during_the_fit(tmp_
                     float(outputs["loss"]),
                 )
             )
-            if trainer.current_epoch == 1 and batch_idx == 0:
-                cb.loss_weights.bit_weight = 0.5  # takes effect on the next step
+            if trainer.current_epoch == 1 and batch_idx == 0:  # new settings take effect on the next step
+                cb.settings = dataclasses.replace(cb.settings, losses=Losses(bit_weight=0.5))
 
     cb = SafetyGuidedQuantization(bit_weight=lambda epoch: 0.01 * (epoch + 1), preservation_size=0)
     trainer = cpu_trainer(tmp_path, [cb, Grab()], max_epochs=2, limit_train_batches=2, log_every_n_steps=1)
@@ -141,7 +143,7 @@ def test_loss_weights_follow_their_schedule_and_changes_made_during_the_fit(tmp_
 
 def test_size_metrics_and_feedback_decisions_are_logged_every_validation(tmp_path):
     model = TinyClassifier()
-    cb = SafetyGuidedQuantization(init_bits=4, preservation_warmup_epochs=0)
+    cb = SafetyGuidedQuantization(init_bits=4, preservation=Preservation(warmup_epochs=0))
     trainer = cpu_trainer(tmp_path, [cb], max_epochs=2)
     trainer.fit(model)
     metrics = trainer.callback_metrics
@@ -160,7 +162,8 @@ def test_size_metrics_and_feedback_decisions_are_logged_every_validation(tmp_pat
         assert key in metrics, key
     assert float(metrics["sgsc/compression_ratio"]) > 4  # 4-bit weights against float32
     assert [e["epoch"] for e in cb.history] == [0, 1]
-    assert {e["action"] for e in cb.history} <= {"prune", "restore"}
+    assert cb.history[0]["action"] == "skip"  # the first measurement only sets the reference
+    assert cb.history[1]["action"] in ("prune", "restore")
 
 
 def test_feedback_restores_when_the_preservation_metric_drops(tmp_path):
@@ -175,31 +178,34 @@ def test_feedback_restores_when_the_preservation_metric_drops(tmp_path):
                     pl_module.net.head.bits[:] = -1.0
 
     cb = SafetyGuidedQuantization(
-        init_bits=8, bit_weight=0.0, restore_fraction=1.0, restore_bits=4, threshold=0.05, preservation_warmup_epochs=0
+        init_bits=8,
+        bit_weight=0.0,
+        feedback=Feedback(restore_fraction=1.0, restore_bits=4, threshold=0.05),
+        preservation=Preservation(warmup_epochs=0),
     )
     trainer = cpu_trainer(tmp_path, [Sabotage(), cb], max_epochs=2, limit_train_batches=6)
     trainer.fit(model)
     first, second = cb.history
-    assert first["action"] == "prune" and second["action"] == "restore"
+    assert first["action"] == "skip" and second["action"] == "restore"
     assert second["restored"] == 3 and second["zero_bit"] == 3
     assert model.net.head.bits.tolist() == [4.0, 4.0, 4.0]
 
 
 def test_feedback_runs_at_train_epoch_end_without_a_validation_loop(tmp_path):
     model = TinyClassifier()
-    cb = SafetyGuidedQuantization(preservation_warmup_epochs=0)
+    cb = SafetyGuidedQuantization(preservation=Preservation(warmup_epochs=0))
     cpu_trainer(tmp_path, [cb], max_epochs=2, limit_val_batches=0).fit(model)
     assert [e["epoch"] for e in cb.history] == [0, 1]
 
 
 def test_callback_state_round_trips():
     cb = SafetyGuidedQuantization()
-    cb.policy.reference = 0.8
+    cb.policy.reference.value = 0.8
     cb.history.append({"action": "prune", "epoch": 0})
     cb.preservation.indices = [3, 1]
     other = SafetyGuidedQuantization()
     other.load_state_dict(cb.state_dict())
-    assert other.policy.reference == 0.8 and other.history == cb.history
+    assert other.policy.reference.value == 0.8 and other.history == cb.history
     assert other.preservation.indices == [3, 1]
 
 
@@ -217,7 +223,7 @@ def test_fit_twice_reuses_the_swapped_model(tmp_path):
 
 def test_checkpoint_resume_restores_quantizer_state(tmp_path):
     model = TinyClassifier()
-    cb = SafetyGuidedQuantization(init_bits=6, bit_weight=0.5, preservation_warmup_epochs=0)
+    cb = SafetyGuidedQuantization(init_bits=6, bit_weight=0.5, preservation=Preservation(warmup_epochs=0))
     trainer = cpu_trainer(tmp_path, [cb], max_epochs=1, enable_checkpointing=True)
     trainer.fit(model)
     ckpt = tmp_path / "sgsc.ckpt"
@@ -228,13 +234,13 @@ def test_checkpoint_resume_restores_quantizer_state(tmp_path):
     class Check(Callback):
         def on_train_start(self, trainer, pl_module):  # weights and callback state loaded, the set rebuilt
             self.bits = pl_module.net.head.bits.detach().clone()
-            self.history, self.reference = [dict(e) for e in cb2.history], cb2.policy.reference
+            self.history, self.reference = [dict(e) for e in cb2.history], cb2.policy.reference.value
             self.indices, self.chosen_by = cb2.preservation_set.indices.tolist(), list(cb2.preservation_set.chosen_by)
 
     check = Check()
     cpu_trainer(tmp_path, [cb2, check], max_epochs=2, limit_train_batches=1).fit(fresh, ckpt_path=ckpt)
     assert torch.equal(check.bits, model.net.head.bits.detach())
-    assert check.history == cb.history and check.reference == cb.policy.reference
+    assert check.history == cb.history and check.reference == cb.policy.reference.value
     assert check.indices == cb.preservation_set.indices.tolist()  # same set, not re-scored
     assert check.chosen_by == cb.preservation_set.chosen_by
 
@@ -275,12 +281,13 @@ def test_a_model_swapped_by_the_user_is_reused_not_swapped_again(tmp_path):
     quantize_(model.net, init_bits=5)
     cb = SafetyGuidedQuantization(init_bits=8)
     cpu_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1).fit(model)
-    assert cb.swapped_layers == ["net.features.0", "net.head"]
+    assert [name for name, _ in quantized_layers(model)] == ["net.features.0", "net.head"]
+    assert 4.0 < float(model.net.head.bits.mean()) <= 5.0  # the user's 5 bits, not re-swapped at 8
 
 
 def test_user_preservation_dataset_is_used(tmp_path):
     data = blob_data(10, seed=7)
-    cb = SafetyGuidedQuantization(preservation_data=data, preservation_batch_size=4)
+    cb = SafetyGuidedQuantization(preservation_data=data, preservation=Preservation(batch_size=4))
     cpu_trainer(tmp_path, [cb], max_epochs=1).fit(TinyClassifier())
     assert len(cb.preservation_set) == 10 and cb.preservation_set.indices.tolist() == list(range(10))
 
@@ -296,11 +303,10 @@ def test_preservation_weight_lowers_the_preservation_loss(tmp_path, kind):
         cb = SafetyGuidedQuantization(
             init_bits=3 if kind == "distill" else 8,  # coarse enough for the compressed outputs to differ
             preservation_data=pset,
-            preservation_weight=weight,
-            preservation_loss=kind,
+            losses=Losses(preservation_weight=weight),
+            preservation=Preservation(loss=kind, every_n_steps=1),
+            feedback=Feedback(prune=False),
             bit_weight=0.0,
-            prune=False,
-            preservation_every_n_steps=1,
         )
         cpu_trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=4).fit(model)
         x, y = pset.tensors
@@ -317,10 +323,8 @@ def test_preservation_weight_lowers_the_preservation_loss(tmp_path, kind):
 def test_the_set_is_scored_from_a_named_source_after_warm_up(tmp_path):
     source = blob_data(40, seed=9)
     cb = SafetyGuidedQuantization(
-        preservation_source=source,
+        preservation=Preservation(source=source, fractions={"uncertainty": 0.5, "kmeans": 0.5}, warmup_epochs=1),
         preservation_size=12,
-        preservation_fractions={"uncertainty": 0.5, "kmeans": 0.5},
-        preservation_warmup_epochs=1,
     )
     trainer = cpu_trainer(tmp_path, [cb], max_epochs=2)
     trainer.fit(TinyClassifier())
@@ -340,7 +344,8 @@ def test_preservation_every_n_steps(tmp_path):
             return super().preservation_step(batch)
 
     cb = SafetyGuidedQuantization(
-        preservation_warmup_epochs=0, preservation_every_n_steps=2, prune=False, preservation_loss="labels"
+        preservation=Preservation(warmup_epochs=0, every_n_steps=2, loss="labels"),
+        feedback=Feedback(prune=False),
     )
     cpu_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=6, limit_val_batches=0).fit(Counting())
     training_calls = [s for s in calls if s is not None]
@@ -387,10 +392,10 @@ class BatchedAt(TinyClassifier):
 def test_preservation_batches_follow_the_training_batch_up_to_32_unless_given(tmp_path, train_batch, given, expected):
     model = BatchedAt(train_batch)
     cb = SafetyGuidedQuantization(
-        preservation_loss="labels",  # the batches preservation_step sees
+        preservation=Preservation(
+            loss="labels", batch_size=given, every_n_steps=1
+        ),  # the batches preservation_step sees
         preservation_data=blob_data(120, seed=3),
-        preservation_batch_size=given,
-        preservation_every_n_steps=1,
     )
     cpu_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=3, limit_val_batches=0).fit(model)
     assert model.preservation_sizes == [expected] * 3
@@ -400,7 +405,8 @@ def test_preservation_batches_follow_the_training_batch_up_to_32_unless_given(tm
 def test_a_second_fit_reads_its_own_training_batch(tmp_path):
     model = BatchedAt(8)
     cb = SafetyGuidedQuantization(
-        preservation_data=blob_data(64, seed=3), preservation_every_n_steps=1, preservation_loss="labels"
+        preservation_data=blob_data(64, seed=3),
+        preservation=Preservation(every_n_steps=1, loss="labels"),
     )
     cpu_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(model)
     model.batch = 12
@@ -422,3 +428,23 @@ def test_a_training_batch_without_a_size_falls_back_to_32_with_a_warning():
     with pytest.warns(UserWarning, match=r"no batch size found in the training batch; preservation batches of 32"):
         cb.on_train_batch_start(trainer, None, {"text": ["a", "b"]}, 0)  # type: ignore[arg-type]
     assert cb.preservation.effective_batch_size == 32
+
+
+def test_a_checkpoint_written_by_0_2_resumes(tmp_path):
+    # tests/data/sgsc-0.2.0-tiny.ckpt: TinyClassifier under the 0.2 callback (flat arguments, a budget with a
+    # cool-down), 3 epochs; written by that release
+    from lightning_sgsc import Budget
+    from tests.helpers.models import aggressive_callback
+
+    ckpt = Path(__file__).parent / "data" / "sgsc-0.2.0-tiny.ckpt"
+    old = torch.load(ckpt, weights_only=False)["callbacks"]["SafetyGuidedQuantization"]
+    assert "swapped_layers" in old  # the 0.2 layout
+    budget = Budget(
+        max_drop=0.5, monitor="val/acc", mode="max", reference_value=0.0, warmup_checks=0, cooldown_fraction=0.3
+    )
+    cb = aggressive_callback(budget=budget)
+    module = TinyClassifier(lr=0.05)
+    cpu_trainer(tmp_path, [cb], max_epochs=4).fit(module, ckpt_path=ckpt)
+    assert cb.history[: len(old["history"])] == old["history"] and len(cb.history) == len(old["history"]) + 1
+    assert cb.cooldown.active and cb.tracker is not None
+    assert cb.tracker.controller.checks == old["budget"]["tracker"]["controller"]["checks"] + 1

@@ -36,9 +36,10 @@ def test_fit_with_the_callback_from_flags(tmp_path):
     run = _sgsc(
         *DIGITS_FIT,
         "--trainer.callbacks.init_bits=4",
-        "--trainer.callbacks.max_drop=0.01",  # a budget, from flags as every other argument
-        "--trainer.callbacks.monitor=val/acc",
-        "--trainer.callbacks.mode=max",
+        "--trainer.callbacks.budget.max_drop=0.01",  # a budget, from nested flags as every other setting
+        "--trainer.callbacks.budget.monitor=val/acc",
+        "--trainer.callbacks.budget.mode=max",
+        "--trainer.callbacks.feedback.threshold=0.01",
         "--trainer.fast_dev_run=true",
         "--trainer.accelerator=cpu",
         "--trainer.enable_progress_bar=false",
@@ -64,7 +65,11 @@ trainer:
   enable_progress_bar: false
   callbacks:
     - class_path: lightning_sgsc.SafetyGuidedQuantization
-      init_args: {init_bits: 6, bit_weight: 0.2, exclude: ["net.fc"], max_drop: 0.02, monitor: val/loss, mode: min}
+      init_args:
+        init_bits: 6
+        bit_weight: 0.2
+        exclude: ["net.fc"]
+        budget: {max_drop: 0.02, monitor: val/loss, mode: min, cooldown_fraction: 0.25}
 """
     )
     run = _sgsc("fit", "--config", "cfg.yaml", cwd=tmp_path)
@@ -80,4 +85,17 @@ def test_bad_callback_argument_is_reported(tmp_path):
         cwd=tmp_path,
     )
     assert run.returncode != 0
-    assert "`init_bits` must be in [2, 16], got 40" in run.stderr
+    assert "`quantization.init_bits` must be in [2, 16], got 40" in run.stderr
+
+
+def test_the_callbacks_help_shows_every_setting_with_its_help_from_the_settings_docstrings(tmp_path):
+    run = _sgsc("fit", "--trainer.callbacks.help", "lightning_sgsc.SafetyGuidedQuantization", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    from lightning_sgsc.config import SETTINGS, field_help
+
+    for group, cls in SETTINGS.items():
+        for field, text in field_help(cls).items():
+            if field in ("data", "source"):
+                continue  # datasets: given in Python
+            assert f"--trainer.callbacks.{group}.{field} " in run.stdout, (group, field)
+            assert " ".join(text.split()[:3]) in " ".join(run.stdout.split()), (group, field)

@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from lightning_sgsc import SafetyGuidedQuantization
 from lightning_sgsc.examples import FashionCNN
 from lightning_sgsc.export import load_compressed
 from lightning_sgsc.train import CONF_DIR, train
@@ -50,7 +51,7 @@ def test_sweeps_are_multirun_over_the_documented_axes():
     [
         ("sgsc.init_bits=abc", r"could not be converted to Float"),
         ("sgsc.bogus=1", r"Key 'bogus' not in 'SGSCSchema'"),
-        ("sgsc.prune=maybe", r"is not a valid bool"),
+        ("sgsc.feedback.prune=maybe", r"is not a valid bool"),
         ("model=resnet", r"Could not find 'model/resnet'"),
     ],
 )
@@ -75,7 +76,7 @@ def test_fashion_cnn_experiment_runs(tmp_path, variant):
     result = _fast(
         tmp_path,
         "fashion_cnn",
-        [f"data.root={root}", f"sgsc={variant}", "sgsc.preservation_warmup_epochs=0", "sgsc.preservation_size=16"],
+        [f"data.root={root}", f"sgsc={variant}", "sgsc.preservation.warmup_epochs=0", "sgsc.preservation_size=16"],
     )
     assert result["variant"] == {"default": "safe"}.get(variant, variant)
     assert result["file_bytes"] > 0 and 0.0 <= result["test_metric"] <= 1.0
@@ -98,9 +99,9 @@ def test_names_transformer_experiment_runs(tmp_path):
         "names_transformer",
         [
             f"data.path={path}",
-            "sgsc.preservation_warmup_epochs=0",
+            "sgsc.preservation.warmup_epochs=0",
             "sgsc.preservation_size=16",
-            "sgsc.preservation_pool=64",
+            "sgsc.preservation.pool=64",
         ],
     )
     assert result["test_metric_name"] == "test/loss" and result["file_bytes"] < result["float32_bytes"]
@@ -109,8 +110,8 @@ def test_names_transformer_experiment_runs(tmp_path):
 @pytest.mark.slow
 def test_mnist10k_and_digits_experiments_run(tmp_path):
     root = write_mnist_like(tmp_path / "mnist", n_test=300)
-    assert _fast(tmp_path, "mnist10k", [f"data.root={root}", "sgsc.preservation_warmup_epochs=0"])["file_bytes"] > 0
-    assert _fast(tmp_path, "digits", ["sgsc.preservation_warmup_epochs=0"])["test_metric_name"] == "test/acc"
+    assert _fast(tmp_path, "mnist10k", [f"data.root={root}", "sgsc.preservation.warmup_epochs=0"])["file_bytes"] > 0
+    assert _fast(tmp_path, "digits", ["sgsc.preservation.warmup_epochs=0"])["test_metric_name"] == "test/acc"
 
 
 def test_a_budgeted_run_fine_tunes_a_saved_float_run_and_takes_its_value_as_the_reference(tmp_path):
@@ -121,7 +122,7 @@ def test_a_budgeted_run_fine_tunes_a_saved_float_run_and_takes_its_value_as_the_
     float_cfg = ["experiment=digits", "sgsc=float", "save_weights=true", "trainer.max_epochs=3"]
     float_run = train(_compose([*float_cfg, f"results_dir={tmp_path / 'results'}"]))  # trained: far from its init
     weights = tmp_path / "results" / float_run["weights"]
-    overrides = ["sgsc=budget", "sgsc.budget_warmup_checks=0", f"init_from={weights}", "sgsc.max_drop=0.01"]
+    overrides = ["sgsc=budget", "sgsc.budget.warmup_checks=0", f"init_from={weights}", "sgsc.max_drop=0.01"]
     result = _fast(tmp_path, "digits", overrides)
     cfg = _compose(["experiment=digits", *overrides])
     module = instantiate({k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"})
@@ -165,8 +166,49 @@ def test_init_from_a_missing_or_foreign_file_is_refused(tmp_path):
 
 def test_the_digits_experiment_compresses_with_the_demo_settings():
     # The demo's settings were tuned with exponents fitted tightly (headroom 0); the default 2 bits cost it accuracy.
+    from hydra.utils import instantiate
+
+    from lightning_sgsc import SafetyGuidedQuantization
     from lightning_sgsc.demo import DEMO_SETTINGS
 
-    cfg = _compose(["experiment=digits"])
-    assert DEMO_SETTINGS["init_headroom"] == 0
-    assert {k: cfg.sgsc[k] for k in DEMO_SETTINGS} == DEMO_SETTINGS
+    cfg = OmegaConf.to_container(_compose(["experiment=digits"]).sgsc, resolve=True)
+    cfg.pop("enabled"), cfg.pop("variant")
+    assert DEMO_SETTINGS["quantization"]["init_headroom"] == 0
+    assert instantiate(cfg).settings == SafetyGuidedQuantization(**DEMO_SETTINGS).settings
+
+
+def test_help_lists_every_setting_with_its_help_from_the_settings_docstrings():
+    import subprocess
+    import sys
+
+    from lightning_sgsc.config import SETTINGS, field_help
+
+    run = subprocess.run([sys.executable, "-m", "lightning_sgsc.train", "--help"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    flat = " ".join(run.stdout.split())
+    for group, cls in SETTINGS.items():
+        for field, text in field_help(cls).items():
+            if field not in ("data", "source"):
+                assert f"sgsc.{group}.{field}=" in flat and " ".join(text.split()[:4]) in flat, (group, field)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("sgsc.preservation.fractions={uncertainty:0.5,kmeans:0.5}", {"uncertainty": 0.5, "kmeans": 0.5}),
+        ("sgsc.include=[net.conv1,net.fc]", ["net.conv1", "net.fc"]),
+        ("sgsc.budget.max_drop=0.02", 0.02),
+    ],
+)
+def test_dict_and_list_settings_override_from_the_command_line(override, expected):
+    from hydra.utils import instantiate
+
+    cfg = OmegaConf.to_container(_compose([override]).sgsc, resolve=True)
+    cfg.pop("enabled"), cfg.pop("variant")
+    settings = instantiate(cfg).settings
+    group, field = {"include": ("quantization", "include")}.get(override.split("=")[0][5:], (None, None))
+    key = override.split("=")[0].split(".")
+    value = getattr(getattr(settings, key[1]), key[2]) if group is None else getattr(getattr(settings, group), field)
+    assert (list(value) if isinstance(value, (list, tuple)) else value) == expected
+    with pytest.raises(ConfigCompositionException):
+        _compose(["sgsc.quantization.init_bits=[1,2]"])  # checked before training

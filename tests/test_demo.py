@@ -24,8 +24,8 @@ def test_demo_runs_end_to_end_and_writes_the_json(tmp_path, capsys):
     assert written["compressed_bytes"] >= written["compressed_estimate_bytes"]  # the file: estimate plus header
     assert result["float_acc"] == written["float_acc"]
     # the budget's reference is the float model's validation accuracy, measured on the validation split
-    assert written["settings"]["reference_value"] == written["float_val_acc"]
-    assert written["settings"]["max_drop"] == 0.0075 and written["settings"]["monitor"] == "val/acc"
+    assert written["settings"]["budget"]["reference_value"] == written["float_val_acc"]
+    assert written["settings"]["budget"]["max_drop"] == 0.0075 and written["settings"]["budget"]["monitor"] == "val/acc"
     printed = capsys.readouterr().out
     assert "float32" in printed and "sgsc" in printed and "kept/total" in printed
     assert written["onnx_bytes"] == (tmp_path / "demo.onnx").stat().st_size  # the ONNX file, its size printed

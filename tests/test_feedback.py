@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lightning_sgsc import quantize_
-from lightning_sgsc.config import FeedbackConfig
+from lightning_sgsc.config import Feedback, Preservation
 from lightning_sgsc.feedback import (
     Action,
     Decision,
@@ -24,9 +24,10 @@ from tests.helpers.models import TinyConvNet
 
 
 def test_policy_prunes_while_the_metric_holds_and_restores_when_it_drops():
-    policy = FeedbackPolicy(FeedbackConfig(threshold=0.02))
-    assert policy.decide(0.90).action is Action.PRUNE  # first measurement sets the reference
-    assert policy.decide(0.95).action is Action.PRUNE and policy.reference == 0.95  # best so far
+    policy = FeedbackPolicy(Feedback(threshold=0.02))
+    first = policy.decide(0.90)  # the first measurement sets the reference and decides nothing
+    assert first.action is Action.SKIP and first.reason.startswith("the first measurement")
+    assert policy.decide(0.95).action is Action.PRUNE and policy.reference.value == 0.95  # best so far
     d = policy.decide(0.94)
     assert d.action is Action.PRUNE and d.degradation == pytest.approx(0.01)
     d = policy.decide(0.92)
@@ -34,27 +35,27 @@ def test_policy_prunes_while_the_metric_holds_and_restores_when_it_drops():
 
 
 def test_policy_for_loss_metrics_and_first_reference():
-    policy = FeedbackPolicy(FeedbackConfig(threshold=0.1, mode="min", reference="first"))
-    assert policy.decide(2.0).action is Action.PRUNE
-    assert policy.decide(1.5).action is Action.PRUNE and policy.reference == 2.0  # "first" never moves
+    policy = FeedbackPolicy(Feedback(threshold=0.1, reference="first"), direction="min")
+    assert policy.decide(2.0).action is Action.SKIP
+    assert policy.decide(1.5).action is Action.PRUNE and policy.reference.value == 2.0  # "first" never moves
     assert policy.decide(2.05).action is Action.PRUNE
     assert policy.decide(2.2).action is Action.RESTORE
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_policy_skips_non_finite_metrics_without_touching_the_reference(bad):
-    policy = FeedbackPolicy(FeedbackConfig())
+    policy = FeedbackPolicy(Feedback())
     policy.decide(0.9)
     assert policy.decide(bad).action is Action.SKIP
-    assert policy.reference == 0.9
+    assert policy.reference.value == 0.9
 
 
 def test_policy_state_round_trips():
-    a = FeedbackPolicy(FeedbackConfig())
+    a = FeedbackPolicy(Feedback())
     a.decide(0.7)
-    b = FeedbackPolicy(FeedbackConfig())
+    b = FeedbackPolicy(Feedback())
     b.load_state_dict(a.state_dict())
-    assert b.reference == 0.7
+    assert b.reference.value == 0.7
 
 
 def test_select_top_takes_the_ceil_fraction_with_highest_scores_across_layers():
@@ -121,7 +122,7 @@ def test_apply_decision_restores_the_channel_that_matters_most_to_the_preservati
         return taylor_restore_scores(net, [(x, y)], bits=2, loss=lambda b: nn.functional.cross_entropy(net(b[0]), b[1]))
 
     decision = Decision(Action.RESTORE, metric=0.5, reference=0.9, degradation=0.4)
-    event = apply_decision(net, decision, FeedbackConfig(restore_fraction=0.5, restore_bits=3), scores)
+    event = apply_decision(net, decision, Feedback(restore_fraction=0.5, restore_bits=3), scores)
     assert event.restored == 1 and event.zero_bit == 2
     assert head.bits[:2].tolist() == [3.0, -0.5]  # the important channel came back at restore_bits
     q = head.quantized_weight()[0]
@@ -132,12 +133,12 @@ def test_apply_decision_prune_skip_and_counts():
     net = TinyConvNet()
     quantize_(net)
     _zero_bits(net, net.head, [0])
-    skip = apply_decision(net, Decision(Action.SKIP, math.nan, None, math.nan), FeedbackConfig(), dict)
+    skip = apply_decision(net, Decision(Action.SKIP, math.nan, None, math.nan), Feedback(), dict)
     assert (skip.restored, skip.pruned, skip.zero_bit) == (0, 0, 1)
-    event = apply_decision(net, Decision(Action.PRUNE, 0.9, 0.9, 0.0), FeedbackConfig(), dict)
+    event = apply_decision(net, Decision(Action.PRUNE, 0.9, 0.9, 0.0), Feedback(), dict)
     assert (event.action, event.pruned) == ("prune", 1)
     assert net.head.pruned.tolist() == [True, False, False]
-    off = FeedbackConfig(prune=False)
+    off = Feedback(prune=False)
     _zero_bits(net, net.head, [1])
     assert apply_decision(net, Decision(Action.PRUNE, 0.9, 0.9, 0.0), off, dict).pruned == 0
 
@@ -147,13 +148,33 @@ def test_a_prune_that_would_empty_a_layer_counts_the_spared_channel_as_kept_aliv
     quantize_(net)
     conv = net.features[0]
     _zero_bits(net, conv, list(range(conv.out_channels_)))
-    event = apply_decision(net, Decision(Action.PRUNE, 0.9, 0.9, 0.0), FeedbackConfig(min_channels=1), dict)
+    event = apply_decision(net, Decision(Action.PRUNE, 0.9, 0.9, 0.0), Feedback(min_channels=1), dict)
     assert (event.restored, event.kept_alive, event.pruned) == (0, 1, conv.out_channels_ - 1)
-    assert int((~conv.pruned).sum()) == 1 and float(conv.bits[~conv.pruned][0]) == FeedbackConfig().restore_bits
+    assert int((~conv.pruned).sum()) == 1 and float(conv.bits[~conv.pruned][0]) == Feedback().restore_bits
+
+
+def test_over_a_budget_a_holding_metric_prunes_nothing_and_in_the_cool_down_nothing_acts():
+    policy = FeedbackPolicy(Feedback(threshold=0.01))
+    policy.decide(0.9)
+    held = policy.decide(0.9, may_prune=False)
+    assert held.action is Action.SKIP and "budget" in held.reason
+    assert policy.decide(0.5, may_prune=False).action is Action.RESTORE  # a drop still restores
+    frozen = policy.decide(0.5, may_act=False)
+    assert frozen.action is Action.SKIP and "cool-down" in frozen.reason
+
+
+def test_the_first_check_prunes_nothing_in_a_fit(tmp_path):
+    from tests.helpers.models import TinyClassifier, aggressive_callback, cpu_trainer
+
+    torch.manual_seed(0)
+    cb = aggressive_callback(preservation_warmup_epochs=0, quantizer_lr=0.5)
+    cpu_trainer(tmp_path, [cb], max_epochs=2, limit_train_batches=6).fit(TinyClassifier(lr=0.05))
+    first = cb.history[0]
+    assert first["zero_bit"] > 0 and first["pruned"] == 0 and first["action"] == "skip"  # on main: pruned at once
 
 
 def test_a_drop_within_the_measurements_noise_prunes_instead_of_restoring():
-    policy = FeedbackPolicy(FeedbackConfig(threshold=0.005))
+    policy = FeedbackPolicy(Feedback(threshold=0.005))
     policy.decide(0.97)
     assert policy.decide(0.955, noise=0.02).action is Action.PRUNE  # 1.5 points: within two standard errors
     assert policy.decide(0.94, noise=0.02).action is Action.RESTORE  # 3 points: beyond them
@@ -175,7 +196,7 @@ def test_the_noise_margin_is_two_standard_errors_of_the_difference_of_two_measur
         def preservation_evaluate(self, batches: object) -> float:
             return 0.9
 
-    manager = PreservationManager()
+    manager = PreservationManager(Preservation())
     manager.set = PreservationSet.from_data(TensorDataset(torch.zeros(400, 2), torch.zeros(400, dtype=torch.long)))
     trainer = SimpleNamespace(strategy=SimpleNamespace(broadcast=lambda value, src=0: value))
     assert manager.metric(trainer, Judged(), recalibrate=False) == 0.9

@@ -59,7 +59,7 @@ def test_the_distillation_term_is_zero_on_equal_outputs_and_positive_otherwise()
 
 def test_a_model_whose_weights_quantize_exactly_has_a_zero_term():
     from lightning_sgsc.losses import distillation_loss
-    from lightning_sgsc.quant.modules import float_weights
+    from lightning_sgsc.quant.modes import float_weights
 
     torch.manual_seed(0)
     net = TinyConvNet()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import lightning.pytorch as pl
@@ -101,10 +102,11 @@ def test_recalibration_gives_the_statistics_of_the_current_weights():
 def _fit_on_digits(tmp_path, epochs, **overrides):
     """A residual BatchNorm CNN fitted on digits with the demo's settings, the preservation set built at once."""
     from lightning_sgsc.demo import DEMO_SETTINGS
+    from lightning_sgsc.settings import merge_settings
 
     pl.seed_everything(0, verbose=False)
     module = ClassifierModule(ResidualBNCNN(), lr=3e-3)
-    cb = SafetyGuidedQuantization(**{**DEMO_SETTINGS, "preservation_warmup_epochs": 0, **overrides})
+    cb = SafetyGuidedQuantization(**merge_settings(DEMO_SETTINGS, {"preservation": {"warmup_epochs": 0}}, overrides))
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[cb],
@@ -130,7 +132,9 @@ def test_the_preservation_metric_of_a_batch_norm_net_does_not_follow_stale_stati
 
     make_stale()
     assert abs(cb.measure_preservation(trainer, module) - fresh) < 0.02
-    cb.recalibrate_norms = False
+    cb.settings = dataclasses.replace(
+        cb.settings, preservation=dataclasses.replace(cb.settings.preservation, recalibrate_norms=False)
+    )
     make_stale()
     assert abs(cb.measure_preservation(trainer, module) - fresh) > 0.02  # what the loop judged without it
     assert len(quantized_layers(module)) == 7
@@ -139,13 +143,13 @@ def test_the_preservation_metric_of_a_batch_norm_net_does_not_follow_stale_stati
 def test_a_restored_channel_gets_statistics_of_its_returning_output(tmp_path):
     # a zero-bit channel's BatchNorm variance is ~0 after recalibration; a restore that kept those statistics would
     # scale the returning channel by ~1/sqrt(eps) in eval mode (the test accuracy fell to 10 % in bench/bn_feedback)
-    module, cb, trainer = _fit_on_digits(tmp_path, epochs=1, restore_fraction=1.0)
+    module, cb, trainer = _fit_on_digits(tmp_path, epochs=1, feedback={"restore_fraction": 1.0})
     conv, norm = module.net.block1.conv1, module.net.block1.bn1
     with torch.no_grad():
         conv.bits[:4] = 0.0  # four channels at zero bits, not pruned
     cb.measure_preservation(trainer, module)
     assert bool((norm.running_var[:4] < 1e-6).all())  # the statistics of zero channels
-    cb.policy.reference = 2.0  # any measurement is now a drop beyond the noise: the loop restores
+    cb.policy.reference.value = 2.0  # any measurement is now a drop beyond the noise: the loop restores
     module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]  # outside the fit loop
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -35,8 +35,8 @@ def test_the_wheel_installs_and_sgsc_train_runs_from_an_unrelated_directory(tmp_
     ).stdout.split()  # fmt: skip
     assert all(Path(p).is_relative_to(site) for p in where)  # the installed copy, not the checkout
     run = subprocess.run(
-        [str(site / "bin" / "sgsc-train"), "trainer.max_steps=2", "sgsc.preservation_warmup_epochs=0",
-         "sgsc.preservation_size=16", "sgsc.preservation_pool=64"],
+        [str(site / "bin" / "sgsc-train"), "trainer.max_steps=2", "sgsc.preservation.warmup_epochs=0",
+         "sgsc.preservation_size=16", "sgsc.preservation.pool=64"],
         cwd=work, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]

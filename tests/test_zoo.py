@@ -10,18 +10,23 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_sgsc import SafetyGuidedQuantization, export_compressed, load_compressed, prune_zero_channels
+from lightning_sgsc import (
+    Feedback,
+    Preservation,
+    Quantization,
+    SafetyGuidedQuantization,
+    export_compressed,
+    load_compressed,
+    prune_zero_channels,
+)
 from lightning_sgsc.quant import quantized_layers
 from tests.helpers.zoo import ZOO, ZooModule
 
 AGGRESSIVE = dict(
-    init_bits=2,
     bit_weight=5.0,
-    quantizer_lr=2.0,  # one Adam step takes a 2-bit channel whose size term dominates to 0 bits
-    preservation_size=8,
-    preservation_fractions={"random": 1.0},  # the scorers have their own tests; here: the model paths
-    preservation_warmup_epochs=0,
-    threshold=10.0,  # never restore: every zero-bit channel is pruned at the first check
+    quantization=Quantization(init_bits=2, lr=2.0),  # one Adam step takes a 2-bit channel to 0 bits
+    preservation=Preservation(size=8, fractions={"random": 1.0}, warmup_epochs=0),  # here: the model paths
+    feedback=Feedback(threshold=10.0),  # never restore: zero-bit channels are pruned from the second check on
     seed=0,
 )
 

@@ -27,6 +27,7 @@ from lightning_sgsc import SafetyGuidedQuantization
 from lightning_sgsc.demo import DEMO_SETTINGS
 from lightning_sgsc.examples import ClassifierModule, DigitsDataModule
 from lightning_sgsc.examples.training import quiet_trainer
+from lightning_sgsc.settings import merge_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.helpers.zoo import ResidualBNCNN
@@ -57,7 +58,8 @@ def run(epochs: int, seed: int, recalibrate: bool) -> list[dict[str, Any]]:
     data = DigitsDataModule(seed=seed)
     data.setup("test")
     module = ClassifierModule(ResidualBNCNN(), lr=3e-3)
-    cb = SafetyGuidedQuantization(seed=seed, recalibrate_norms=recalibrate, **DEMO_SETTINGS)
+    norms = {"preservation": {"recalibrate_norms": recalibrate}}
+    cb = SafetyGuidedQuantization(seed=seed, **merge_settings(DEMO_SETTINGS, norms))
     report = TestAccuracy(*data.test_set.tensors, sgsc=cb)
     quiet_trainer(epochs, [report, cb]).fit(module, data)
     keys = ("epoch", "metric", "reference", "action", "restored", "pruned")

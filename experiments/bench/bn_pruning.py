@@ -32,7 +32,11 @@ from lightning_sgsc import SafetyGuidedQuantization, export_compressed, load_com
 from lightning_sgsc.examples import ClassifierModule, DigitsDataModule
 from lightning_sgsc.examples.training import quiet_trainer
 
-SETTINGS: dict[str, Any] = dict(init_bits=4, bit_weight=0.5, quantizer_lr=0.05, threshold=0.01)
+SETTINGS: dict[str, Any] = {
+    "quantization": {"init_bits": 4, "lr": 0.05},
+    "losses": {"bit_weight": 0.5},
+    "feedback": {"threshold": 0.01},
+}
 
 
 class DigitsResNet18(nn.Module):

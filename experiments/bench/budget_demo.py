@@ -40,7 +40,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     if args.preservation != "none":  # the demo's budget has no set; this puts one back, with the chosen term
-        demo.DEMO_BUDGET = {**demo.DEMO_BUDGET, "preservation_size": 256, "preservation_loss": args.preservation}
+        demo.DEMO_BUDGET = {**demo.DEMO_BUDGET, "preservation": {"size": 256, "loss": args.preservation}}
     rows: list[dict[str, Any]] = []
     print(f"{'seed':>4} {'float val':>9} {'float test':>10} {'sgsc val':>8} {'sgsc test':>9} {'diff':>6} {'bytes':>6}")
     for seed in args.seeds:

@@ -39,6 +39,7 @@ from lightning_sgsc.examples import (
 )
 from lightning_sgsc.examples.training import quiet_trainer
 from lightning_sgsc.export import export_compressed
+from lightning_sgsc.settings import merge_settings
 
 TASKS: dict[str, dict[str, Any]] = {
     "fashion_cnn": dict(
@@ -95,11 +96,17 @@ def main() -> None:
         small = copy.deepcopy(plain)
         max_drop = None if label in ("fixed", "float") else float(label)
         if max_drop is None:  # the same fine-tune under the fixed penalty (bit_weight 0.5), no budget, for comparison
-            budget: dict[str, Any] = {"preservation_size": 0}
+            budget: dict[str, Any] = {"preservation": {"size": 0}}
         else:
-            budget = {**DEMO_BUDGET, "max_drop": max_drop, "reference_value": float_val}
-            budget.update(monitor=f"val/{metric}", mode=task["mode"])
-        settings = {**DEMO_SETTINGS, **budget, "init_headroom": None}  # the experiment's headroom (2 bits)
+            target = {
+                "max_drop": max_drop,
+                "reference_value": float_val,
+                "monitor": f"val/{metric}",
+                "mode": task["mode"],
+            }
+            budget = merge_settings(DEMO_BUDGET, {"budget": target})
+        headroom = {"quantization": {"init_headroom": None}}  # the experiment's headroom (2 bits)
+        settings = merge_settings(DEMO_SETTINGS, budget, headroom)
         callback = None if label == "float" else SafetyGuidedQuantization(seed=args.seed, **settings)
         trainer = quiet_trainer(-1, [callback] if callback else [], **schedule)
         trainer.fit(small, data)
@@ -124,7 +131,7 @@ def main() -> None:
             "bytes": nbytes,
             "float32_bytes": float32,
             "fraction": nbytes / float32,
-            "budget": callback.budget.summary() if callback else None,
+            "budget": callback.budget_summary() if callback else None,
         }
         print(
             f"  max_drop {label}: {_value(metric, test)} (val {_value(metric, val)}), {diff:+.4g}"

@@ -38,6 +38,7 @@ from lightning_sgsc.examples import CharTransformer, ClassifierModule, DigitsCNN
 from lightning_sgsc.examples.data import FASHION_MNIST_DIR, load_idx_images
 from lightning_sgsc.examples.models import LanguageModule
 from lightning_sgsc.examples.training import quiet_trainer
+from lightning_sgsc.settings import merge_settings
 
 
 def _residual_bn_cnn() -> torch.nn.Module:
@@ -78,7 +79,8 @@ def _train(name: str, compress: bool, loader: DataLoader) -> torch.nn.Module:
         "char_transformer": CharTransformer,
     }[name]()
     module = LanguageModule(net) if name == "char_transformer" else ClassifierModule(net, lr=3e-3)
-    callbacks = [SafetyGuidedQuantization(seed=0, **{**DEMO_SETTINGS, "preservation_pool": 2000})] if compress else []
+    settings = merge_settings(DEMO_SETTINGS, {"preservation": {"pool": 2000}})
+    callbacks = [SafetyGuidedQuantization(seed=0, **settings)] if compress else []
     epochs = {"digits_cnn": 40, "residual_bn_cnn": 20, "fashion_cnn": 3, "char_transformer": 1}[name]
     steps = 300 if name == "char_transformer" else -1
     quiet_trainer(epochs, callbacks, max_steps=steps, limit_val_batches=0).fit(module, train_dataloaders=loader)

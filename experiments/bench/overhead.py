@@ -49,7 +49,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sgsc import SafetyGuidedQuantization
+from lightning_sgsc import Preservation, Quantization, SafetyGuidedQuantization
 from lightning_sgsc.examples import CharTransformer, ClassifierModule, DigitsCNN, FashionCNN, LanguageModule
 from lightning_sgsc.examples.training import quiet_trainer
 
@@ -98,7 +98,7 @@ def _setup(name: str, n: int) -> tuple[pl.LightningModule, DataLoader]:
 
 
 EVERY_SIDE = "sgsc_every_"
-"""Prefix of the extra side ``--also-every-n N`` adds: ``sgsc`` with ``preservation_every_n_steps=N``."""
+"""Prefix of the extra side ``--also-every-n N`` adds: ``sgsc`` with ``preservation.every_n_steps=N``."""
 
 
 def _callback(side: str, preservation_batch_size: int | None = None) -> list[pl.Callback]:
@@ -106,16 +106,12 @@ def _callback(side: str, preservation_batch_size: int | None = None) -> list[pl.
         return []
     if side == "quantizer":
         return [SafetyGuidedQuantization(preservation_size=0)]
-    kwargs: dict[str, Any] = (
-        {} if preservation_batch_size is None else {"preservation_batch_size": preservation_batch_size}
-    )
+    kwargs: dict[str, Any] = {} if preservation_batch_size is None else {"batch_size": preservation_batch_size}
     if side.startswith(EVERY_SIDE):
-        kwargs["preservation_every_n_steps"] = int(side[len(EVERY_SIDE) :])
-    if side == COMPILED_SIDE:
-        kwargs["compile_quantizer"] = True
-    return [
-        SafetyGuidedQuantization(preservation_warmup_epochs=0, preservation_size=256, preservation_pool=1024, **kwargs)
-    ]
+        kwargs["every_n_steps"] = int(side[len(EVERY_SIDE) :])
+    quantization = Quantization(compile=side == COMPILED_SIDE)
+    preservation = Preservation(warmup_epochs=0, size=256, pool=1024, **kwargs)
+    return [SafetyGuidedQuantization(quantization, preservation=preservation)]
 
 
 def sides_for(also_every: int | None, compiled: bool = False) -> tuple[str, ...]:

@@ -73,6 +73,7 @@ from lightning_sgsc.examples.data import FASHION_MNIST_DIR
 from lightning_sgsc.examples.training import quiet_trainer
 from lightning_sgsc.export import export_compressed, load_compressed
 from lightning_sgsc.quant.modules import quantized_layers
+from lightning_sgsc.settings import merge_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from summarize import pareto_front
@@ -91,9 +92,9 @@ SETTINGS: dict[str, list[float]] = {
 }
 OURS: dict[str, dict[str, Any]] = {  # the variants of ours: the callback's arguments besides bit_weight and seed
     "sgsc": {},
-    "sgsc_h3": {"init_headroom": 3},
-    "sgsc_b4": {"init_bits": 4},
-    "sgsc_b2": {"init_bits": 2},
+    "sgsc_h3": {"quantization": {"init_headroom": 3}},
+    "sgsc_b4": {"quantization": {"init_bits": 4}},
+    "sgsc_b2": {"quantization": {"init_bits": 2}},
 }
 
 
@@ -143,11 +144,11 @@ class RandomRestores(SafetyGuidedQuantization):
         if fresh:
             with torch.no_grad():
                 for _, layer in quantized_layers(pl_module):
-                    layer.bits.fill_(32.0)
+                    layer.bits.fill_(32.0)  # computed as 16 (the quantizer's bound); the grid is 2^e either way
                     layer.exponent.fill_(-8.0)
 
-    def _restore_scores(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        g = torch.Generator().manual_seed(self.seed + len(self.history))
+    def _restore_scores(self, trainer: pl.Trainer, pl_module: pl.LightningModule, bits: float) -> dict[str, Tensor]:
+        g = torch.Generator().manual_seed(self.preservation.seed + len(self.history))
         return {name: torch.rand(layer.out_channels_, generator=g) for name, layer in quantized_layers(pl_module)}
 
 
@@ -260,7 +261,7 @@ def build(
     recipe); the peers' randomness comes from the global seed :func:`run_one` sets. ``extra``: more arguments of
     the callback (ours and the paper's recipe only)."""
     if method in OURS or method == "paper":
-        return _ours(setting, paper=method == "paper", seed=seed, **{**OURS.get(method, {}), **(extra or {})})
+        return _ours(setting, paper=method == "paper", seed=seed, **merge_settings(OURS.get(method, {}), extra or {}))
     if extra:
         raise ValueError(f"extra callback arguments {sorted(extra)} apply to ours and the paper's recipe, not {method}")
     return {"diffq": _diffq, "brevitas": _brevitas, "pruning": _pruning}[method](setting)

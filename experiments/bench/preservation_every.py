@@ -3,7 +3,7 @@
     python experiments/bench/preservation_every.py [--every 8,16] [--demo-seeds 0-9] [--peers-seeds 0,1,2] [--jobs 2]
     python experiments/bench/preservation_every.py --demo-epochs 1 --peers-steps 3 --peers-data random  # smoke run
 
-``preservation_every_n_steps`` trades the preservation loss's extra forward and backward (what ``overhead.py
+``preservation.every_n_steps`` trades the preservation loss's extra forward and backward (what ``overhead.py
 --also-every-n N`` times) against how often the model is pulled toward its preservation set. For each value in
 ``--every`` this trains, with nothing else changed:
 
@@ -31,6 +31,7 @@ from typing import Any
 import peers  # a sibling script: experiments/bench is on the path when this runs
 
 from lightning_sgsc import demo
+from lightning_sgsc.settings import merge_settings
 
 PEERS_POINTS: tuple[tuple[str, float], ...] = (
     ("sgsc_h3", 0.0),
@@ -66,7 +67,8 @@ def demo_runs(every: list[int], seeds: list[int], epochs: int = 40) -> list[dict
     for seed in seeds:
         plain = demo.train_one(False, epochs, seed, 3e-3)
         for n in every:
-            small = demo.train_one(True, epochs, seed, 3e-3, {**demo.DEMO_SETTINGS, "preservation_every_n_steps": n})
+            every = merge_settings(demo.DEMO_SETTINGS, {"preservation": {"every_n_steps": n}})
+            small = demo.train_one(True, epochs, seed, 3e-3, every)
             run = {"every": n, "seed": seed, "acc": round(small["acc"], 4), "float_acc": round(plain["acc"], 4)}
             run |= {"bytes": small["bytes"], "bits_per_weight": round(small["bits_per_weight"], 3)}
             print(json.dumps({"demo": run}), flush=True)
@@ -78,7 +80,7 @@ def peers_runs(
     every: list[int], seeds: list[int], jobs: int, steps: int = 1000, data: str = "fashion"
 ) -> list[dict[str, Any]]:
     todo = [
-        (m, s, data, 20_000, steps, seed, {"preservation_every_n_steps": n})
+        (m, s, data, 20_000, steps, seed, {"preservation": {"every_n_steps": n}})
         for m, s in PEERS_POINTS
         for seed in seeds
         for n in every
@@ -86,7 +88,7 @@ def peers_runs(
     runs = []
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         for job, run in zip(todo, pool.map(peers._run_in_worker, todo), strict=True):
-            run = {**run, "every": job[-1]["preservation_every_n_steps"]}
+            run = {**run, "every": job[-1]["preservation"]["every_n_steps"]}
             print(json.dumps({"peers": {k: run[k] for k in ("run", "seed", "every", "test_metric", "file_bytes")}}))
             runs.append(run)
     return runs
@@ -127,7 +129,7 @@ def summarize(demo_rows: list[dict[str, Any]], peers_rows: list[dict[str, Any]],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--every", default="8,16", help="values of preservation_every_n_steps, the first the base")
+    parser.add_argument("--every", default="8,16", help="values of preservation.every_n_steps, the first the base")
     parser.add_argument("--demo-seeds", default="0-9")
     parser.add_argument("--peers-seeds", default="0,1,2", help="'none' skips the peers points")
     parser.add_argument("--jobs", type=int, default=2, help="peers runs at a time, each in a process of 1 thread")

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from lightning_sgsc import demo
+from lightning_sgsc.settings import merge_settings
 
-WITHOUT = {"preservation_weight": 0.0, "preservation_size": 0}
+WITHOUT = {"losses": {"preservation_weight": 0.0}, "preservation": {"size": 0}}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -38,9 +39,9 @@ def run_demo(seeds: list[int]) -> list[dict[str, Any]]:
     rows = []
     for seed in seeds:
         plain = demo.train_one(False, 40, seed, 3e-3)
-        for bit_weight in (0.0, demo.DEMO_SETTINGS["bit_weight"]):
+        for bit_weight in (0.0, demo.DEMO_SETTINGS["losses"]["bit_weight"]):
             for term, extra in (("with", {}), ("without", WITHOUT)):
-                settings = {**demo.DEMO_SETTINGS, "bit_weight": bit_weight, **extra}
+                settings = merge_settings(demo.DEMO_SETTINGS, {"losses": {"bit_weight": bit_weight}}, extra)
                 small = demo.train_one(True, 40, seed, 3e-3, settings)
                 row = {
                     "seed": seed,

@@ -19,17 +19,17 @@ from lightning_sgsc.preservation.set import PreservationSet
 DEFAULT_FRACTIONS: dict[str, float] = {"gradcam": 1 / 3, "uncertainty": 1 / 3, "kmeans": 1 / 3}
 
 
-def check_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
-    """Validates a ``{strategy: share}`` mapping: known names, shares >= 0 summing to 1."""
+def check_fractions(fractions: Mapping[str, float], arg: str = "fractions") -> dict[str, float]:
+    """Validates a ``{strategy: share}`` mapping: known names, shares >= 0 summing to 1 (``arg`` names it)."""
     if not isinstance(fractions, Mapping):
-        raise SGSCTypeError(describe_rule("fractions", "a mapping like {'gradcam': 0.5, 'kmeans': 0.5}", fractions))
+        raise SGSCTypeError(describe_rule(arg, "a mapping like {'gradcam': 0.5, 'kmeans': 0.5}", fractions))
     for name, share in fractions.items():
         if name not in STRATEGIES:
-            raise SGSCValueError(describe_rule("fractions", f"keys among {sorted(STRATEGIES)}", name))
+            raise SGSCValueError(describe_rule(arg, f"keys among {sorted(STRATEGIES)}", name))
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not share >= 0:
-            raise SGSCValueError(describe_rule(f"fractions[{name!r}]", "a number >= 0", share))
+            raise SGSCValueError(describe_rule(f"{arg}[{name!r}]", "a number >= 0", share))
     if not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
-        raise SGSCValueError(describe_rule("fractions", "shares that sum to 1", dict(fractions)))
+        raise SGSCValueError(describe_rule(arg, "shares that sum to 1", dict(fractions)))
     return {k: float(v) for k, v in fractions.items()}
 
 

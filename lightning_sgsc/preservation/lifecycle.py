@@ -26,7 +26,6 @@ restores it triggered cost the digits demo 2.4 points (experiments/README.md).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,22 +36,20 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_sgsc.config import check_int
-from lightning_sgsc.errors import SGSCTypeError, SGSCValueError, describe_rule
+from lightning_sgsc.config import Preservation, check_enum
+from lightning_sgsc.errors import SGSCValueError, describe_rule
 from lightning_sgsc.feedback import taylor_restore_scores
 from lightning_sgsc.losses import distillation_loss
 from lightning_sgsc.norms import eval_mode, link_norms_, recalibrate_norms_
 from lightning_sgsc.preservation.build import DEFAULT_FRACTIONS, build_preservation_set, check_fractions
 from lightning_sgsc.preservation.set import PreservationSampler, PreservationSet
-from lightning_sgsc.quant.modules import float_weights
+from lightning_sgsc.quant.modes import float_weights
+from lightning_sgsc.signal import Direction, binomial_noise
 
 PreservationData = Dataset | DataLoader | PreservationSet
 
 DEFAULT_PRESERVATION_BATCH = 32
 """Largest preservation batch when ``batch_size`` is ``None`` (smaller training batches set it)."""
-
-LOSSES = ("distill", "labels")
-"""What the preservation term compares (see the module docstring)."""
 
 EVALUATION_BATCH = 256
 """Batch size of the whole-set passes (the metric and the restore scores)."""
@@ -61,50 +58,15 @@ EVALUATION_BATCH = 256
 class PreservationManager:
     """Builds, holds and samples the preservation set of one callback (see the module docstring).
 
-    Args: as the callback's ``preservation_*`` arguments, without the prefix, plus ``balance_classes`` and
-    ``seed``.
+    Args:
+        settings: the callback's preservation settings.
+        seed: seed of the set's choice and of the order its batches are drawn in.
     """
 
-    def __init__(
-        self,
-        data: PreservationData | None = None,
-        size: int = 256,
-        batch_size: int | None = None,
-        every_n_steps: int = 8,
-        source: Dataset | DataLoader | None = None,
-        fractions: dict[str, float] | None = None,
-        warmup_epochs: int = 1,
-        pool: int | None = 10_000,
-        balance_classes: bool = False,
-        seed: int = 0,
-        loss: str = "distill",
-        temperature: float = 1.0,
-    ) -> None:
-        if data is not None and not isinstance(data, (Dataset, DataLoader, PreservationSet)):
-            raise SGSCTypeError(
-                describe_rule(
-                    "preservation_data", "a PreservationSet, torch Dataset or DataLoader (or None)", type(data)
-                )
-            )
-        if source is not None and not isinstance(source, (Dataset, DataLoader)):
-            raise SGSCTypeError(
-                describe_rule("preservation_source", "a torch Dataset or DataLoader (or None)", type(source))
-            )
-        check_int("preservation_size", size, 0)
-        check_int("preservation_batch_size", batch_size, 1, allow_none=True)
-        check_int("preservation_warmup_epochs", warmup_epochs, 0)
-        check_int("preservation_pool", pool, 1, allow_none=True)
-        check_int("preservation_every_n_steps", every_n_steps, 1)
-        self.fractions = check_fractions(DEFAULT_FRACTIONS if fractions is None else fractions)
-        if loss not in LOSSES:
-            raise SGSCValueError(describe_rule("preservation_loss", f"one of {LOSSES}", loss))
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise SGSCValueError(describe_rule("distill_temperature", "a number > 0", temperature))
-        self.loss, self.temperature = loss, float(temperature)
+    def __init__(self, settings: Preservation, seed: int = 0) -> None:
+        self.settings, self.seed = settings, seed
+        self.fractions = check_fractions(DEFAULT_FRACTIONS if settings.fractions is None else settings.fractions)
         self.noise = 0.0  # what the last metric could move by from its sample alone (accuracy: binomial)
-        self.data, self.size, self.batch_size, self.every_n_steps = data, size, batch_size, every_n_steps
-        self.source, self.warmup_epochs, self.pool = source, warmup_epochs, pool
-        self.balance_classes, self.seed = bool(balance_classes), seed
         self.set: PreservationSet | None = None
         self.indices: list[int] | None = None  # positions in the training dataset of a set built from it
         self.chosen_by: list[str] = []
@@ -113,13 +75,18 @@ class PreservationManager:
         self._train_batch_size: int | None = None
         self._warned_no_dataset = False
 
-    def check_weight(self, weight: Any) -> None:
-        """Refuses a constant preservation weight > 0 when there will never be a set."""
-        if weight is not None and not callable(weight) and weight > 0 and self.data is None and self.size == 0:
-            raise SGSCValueError(
-                describe_rule("preservation_weight", "0 when there is no preservation data", weight)
-                + " Pass `preservation_data=` or a `preservation_size` > 0."
-            )
+    # convenience views of the settings (read on hot paths and in messages)
+    @property
+    def data(self) -> Any:
+        return self.settings.data
+
+    @property
+    def size(self) -> int:
+        return self.settings.size
+
+    @property
+    def loss(self) -> str:
+        return self.settings.loss
 
     # ------------------------------------------------------------------------------------------------ set up
 
@@ -142,7 +109,7 @@ class PreservationManager:
         rank uses its choice)."""
         if self.set is not None or self.data is not None or self.size == 0:
             return
-        if trainer.current_epoch < self.warmup_epochs:
+        if trainer.current_epoch < self.settings.warmup_epochs:
             return
         dataset = self._dataset(trainer)
         if dataset is None:
@@ -162,8 +129,9 @@ class PreservationManager:
         self._use(pset, pl_module)
 
     def _dataset(self, trainer: Any) -> Any:
-        if self.source is not None:
-            return self.source.dataset if isinstance(self.source, DataLoader) else self.source
+        if self.settings.source is not None:
+            source = self.settings.source
+            return source.dataset if isinstance(source, DataLoader) else source
         dataset = getattr(trainer.train_dataloader, "dataset", None)
         if dataset is None or not hasattr(dataset, "__len__"):
             if not self._warned_no_dataset:
@@ -179,11 +147,13 @@ class PreservationManager:
         return build_preservation_set(
             pl_module,
             dataset,
-            size=min(self.size, len(dataset), self.pool or len(dataset)),
+            size=min(self.size, len(dataset), self.settings.pool or len(dataset)),
             fractions=self.fractions,
-            balance_classes=self.balance_classes,
+            balance_classes=self.settings.balance_classes,
             seed=self.seed,
-            pool_size=self.pool,
+            pool_size=self.settings.pool,
+            target_layer=self.settings.target_layer,
+            modality=self.settings.modality,
             progress=trainer.progress_bar_callback is not None,
         )
 
@@ -195,7 +165,7 @@ class PreservationManager:
         except Exception as err:
             hook = "preservation_outputs" if self.loss == "distill" else "preservation_step"
             raise SGSCValueError(
-                describe_rule("preservation_data", f"examples the model's {hook} accepts", type(pset.data))
+                describe_rule("preservation.data", f"examples the model's {hook} accepts", type(pset.data))
                 + f" Its first batch failed with {type(err).__name__}: {err}"
             ) from err
         self.set = pset
@@ -206,7 +176,7 @@ class PreservationManager:
 
     def note_batch(self, trainer: Any, batch: Any) -> None:
         """Learns this fit's training batch size (the loader's ``batch_size``, else the first batch's)."""
-        if self._train_batch_size is not None or self.batch_size is not None:
+        if self._train_batch_size is not None or self.settings.batch_size is not None:
             return
         size = getattr(trainer.train_dataloader, "batch_size", None)
         if isinstance(size, int) and size > 0:  # a resumed fit may start on an epoch's last, smaller batch
@@ -218,19 +188,19 @@ class PreservationManager:
             self._train_batch_size = DEFAULT_PRESERVATION_BATCH
             rank_zero_warn(
                 "[sgsc] no batch size found in the training batch; preservation batches of"
-                f" {DEFAULT_PRESERVATION_BATCH}. Pass `preservation_batch_size=` to choose."
+                f" {DEFAULT_PRESERVATION_BATCH}. Pass `Preservation(batch_size=...)` to choose."
             )
 
     @property
     def effective_batch_size(self) -> int:
         """``batch_size``, or the training batch size capped at ``DEFAULT_PRESERVATION_BATCH``."""
-        if self.batch_size is not None:
-            return self.batch_size
+        if self.settings.batch_size is not None:
+            return self.settings.batch_size
         return min(DEFAULT_PRESERVATION_BATCH, self._train_batch_size or DEFAULT_PRESERVATION_BATCH)
 
     def due(self, global_step: int) -> bool:
         """Whether this step adds a preservation term (a set exists and the step is an ``every_n_steps``-th)."""
-        return self.set is not None and global_step % self.every_n_steps == 0
+        return self.set is not None and global_step % self.settings.every_n_steps == 0
 
     def _check_forward(self, pl_module: Any, batch: Any) -> None:
         """What a check of the set runs: the term's loss, and the label loss the metric and restores use."""
@@ -247,11 +217,14 @@ class PreservationManager:
             return pl_module.preservation_step(batch)
         with torch.no_grad(), float_weights(pl_module):
             teacher = pl_module.preservation_outputs(batch)
-        return distillation_loss(pl_module.preservation_outputs(batch), teacher, self.temperature)
+        return distillation_loss(pl_module.preservation_outputs(batch), teacher, self.settings.temperature)
 
-    def mode(self, pl_module: Any) -> str:
-        """Whether a larger metric is better: the model's own :attr:`preservation_metric_mode`."""
-        return pl_module.preservation_metric_mode
+    @staticmethod
+    def direction(pl_module: Any) -> Direction:
+        """Whether a larger metric is better: the module's own ``preservation_metric_mode``."""
+        return check_enum(
+            f"{type(pl_module).__name__}.preservation_metric_mode", Direction, pl_module.preservation_metric_mode
+        )
 
     def metric(self, trainer: Any, pl_module: Any, recalibrate: bool = True) -> float:
         """The safety signal over the whole set (the model's ``preservation_evaluate``: accuracy by default), in eval
@@ -264,8 +237,8 @@ class PreservationManager:
                 self.recalibrate(pl_module)
             value = float(pl_module.preservation_evaluate(self.evaluation_batches()))
         n = len(self.set) if self.set is not None else 0
-        accuracy_like = self.mode(pl_module) == "max" and 0.0 <= value <= 1.0 and n > 0
-        self.noise = 2.0 * math.sqrt(2.0 * max(value * (1.0 - value), 1.0 / n) / n) if accuracy_like else 0.0
+        accuracy_like = self.direction(pl_module) is Direction.MAX and 0.0 <= value <= 1.0 and n > 0
+        self.noise = binomial_noise(value, n) if accuracy_like else 0.0
         self.noise = float(trainer.strategy.broadcast(self.noise, src=0))
         return float(trainer.strategy.broadcast(value, src=0))
 

@@ -4,9 +4,9 @@ For output channel ``c`` with learnable bit depth ``b_c`` and exponent ``e_c``::
 
     q(w) = 2^e * clamp(round(2^-e * w), -2^(b-1), 2^(b-1) - 1)
 
-with ``b`` taken as ``max(b, 0)``. The rounding passes gradients straight through (STE); ``b`` receives gradient
-through the clamp bounds, ``e`` through the scale, ``w`` where it is not clipped. A channel whose ``b`` is 0 has
-bounds ``[-0.5, -0.5]`` and rounds to exactly zero.
+with ``b`` taken as ``min(max(b, 0), 16)``. The rounding passes gradients straight through (STE); ``b`` receives
+gradient through the clamp bounds, ``e`` through the scale, ``w`` where it is not clipped. A channel whose ``b`` is 0
+has bounds ``[-0.5, -0.5]`` and rounds to exactly zero.
 
 The clamp comes before the rounding (as in the self-compression paper's code). For integer ``b >= 1`` this equals
 ``2^e * clamp(round(2^-e w), ...)`` exactly; for ``b = 0`` only this order gives exact zeros, and for fractional
@@ -25,12 +25,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_sgsc.config import MAX_BITS
+
 _LN2 = math.log(2.0)
 
 
 def effective_bits(bits: Tensor, pruned: Tensor | None = None) -> Tensor:
-    """The bit depth the quantizer uses: ``max(b, 0)``, and 0 for pruned channels."""
+    """The bit depth the quantizer uses: ``b`` clamped to ``[0, 16]``, and 0 for pruned channels. Above 16 the
+    gradient passes straight through (as it does inside the range), so a size penalty brings such a ``b`` back."""
     b = bits.clamp_min(0.0)
+    b = b - (b - MAX_BITS).clamp_min(0.0).detach()
     if pruned is not None:
         b = torch.where(pruned, torch.zeros_like(b), b)
     return b

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from lightning_sgsc.losses import bits_per_weight
-from lightning_sgsc.quant.functional import _quantize_backward, _quantize_forward, _Steps
+from lightning_sgsc.quant import modes
+from lightning_sgsc.quant.functional import MAX_BITS, _quantize_backward, _quantize_forward, _Steps
 from lightning_sgsc.quant.modules import QuantizedLayer
 
 PAD_BUDGET = 16_384
@@ -225,7 +226,7 @@ class _FusedQuantize(torch.autograd.Function):
         ctx.plan = plan
         bits = (torch.cat(tensors[:n]) if n > 1 else tensors[0]).float()
         exponent = (torch.cat(tensors[n : 2 * n]) if n > 1 else tensors[n]).float()
-        effective = torch.relu(bits).mul_(plan.keep)  # max(b, 0), and 0 for pruned channels
+        effective = torch.relu(bits).clamp_max_(MAX_BITS).mul_(plan.keep)  # b in [0, 16], 0 for pruned channels
         steps = _Steps.of(effective, exponent)
         quantized: list[Tensor | None] = [None] * n
         stamp = object()  # marks the stacked weights, so the backward can use them if nothing stacked since
@@ -262,7 +263,7 @@ class _FusedQuantize(torch.autograd.Function):
         b = e = None
         if need_b:
             b = torch.cat(grad_b) if len(grad_b) > 1 else grad_b[0]
-            # d max(b, 0) / db is 1 where b > 0 (as clamp_min's gradient), never for pruned channels
+            # the gradient passes where b > 0 (above 16 too, as effective_bits), never for pruned channels
             b = b.addcmul_(plan.share, grad_bpw).mul_(effective.sign())
         if need_e:
             e = torch.cat(grad_e) if len(grad_e) > 1 else grad_e[0]
@@ -356,10 +357,7 @@ class FusedQuantizer:
             return
         self._step_bpw, quantized = self._quantize_ordered()
         try:
-            for layer, q in zip(self._ordered, quantized, strict=True):
-                layer.__dict__["_fused"] = (q, layer._versions())  # plain attribute; skips nn.Module.__setattr__
-            yield self
+            with modes.fused(self._ordered, quantized):
+                yield self
         finally:
             self._step_bpw = None
-            for layer in self.layers:
-                layer.__dict__["_fused"] = None

@@ -13,42 +13,26 @@ optimizer built on the float model still sees them); ``to_float`` converts back.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_sgsc.config import MAX_BITS, MIN_INIT_BITS, resolve_headroom
 from lightning_sgsc.quant.functional import effective_bits, init_exponent, quantize, quantize_int
 
-MIN_INIT_BITS = 2.0
-MAX_INIT_BITS = 16.0
-DEFAULT_HEADROOM = 2.0
 
+@dataclass
+class TwinModes:
+    """How a twin computes its weight at the moment. Switched only by the context managers of
+    :mod:`lightning_sgsc.quant.modes` (the fused step, the gradient probe, float weights) and its norm coupling."""
 
-def resolve_headroom(init_bits: float, init_headroom: float | None) -> float:
-    """``init_headroom``, or for ``None`` the default: 2 bits, or ``init_bits - 2`` when that is less (a 2-bit
-    start has no room to spare: with any headroom its largest weights would round to zero).
-
-    Raises:
-        SGSCValueError: ``init_headroom`` is not a number from 0 to ``init_bits - 2``.
-    """
-    from lightning_sgsc.errors import SGSCValueError, describe_rule
-
-    limit = float(init_bits) - MIN_INIT_BITS
-    if init_headroom is None:
-        return min(DEFAULT_HEADROOM, limit)
-    if (
-        isinstance(init_headroom, bool)
-        or not isinstance(init_headroom, (int, float))
-        or not 0 <= init_headroom <= limit
-    ):
-        raise SGSCValueError(
-            describe_rule("init_headroom", f"a number from 0 to init_bits - 2 = {limit:g} (or None)", init_headroom)
-        )
-    return float(init_headroom)
+    fused: tuple[Tensor, tuple[int, int, int, int]] | None = None  # the step's fused result, with tensor versions
+    probe: Tensor | None = None  # a zero tensor added to the quantized weight, to read dL/dw_q
+    float_weight: bool = False  # compute with the float weight, unquantized
+    norm: nn.Module | None = None  # the BatchNorm that reads this twin's output (pruning zeroes its rows too)
 
 
 class QuantizedLayer:
@@ -68,6 +52,7 @@ class QuantizedLayer:
         module.bits = nn.Parameter(torch.full((n,), float(init_bits), device=w.device, dtype=torch.float32))
         module.exponent = nn.Parameter(init_exponent(w, float(init_bits), headroom).to(w.device))
         module.register_buffer("pruned", torch.zeros(n, dtype=torch.bool, device=w.device))
+        module.__dict__["modes"] = TwinModes()
 
     @property
     def out_channels_(self) -> int:
@@ -79,8 +64,7 @@ class QuantizedLayer:
         """Weights per output channel."""
         return int(self.weight[0].numel())
 
-    _weight_probe: Tensor | None = None
-    _fused: tuple[Tensor, tuple[int, int, int, int]] | None = None  # set inside FusedQuantizer.step
+    modes: TwinModes
 
     def _versions(self) -> tuple[int, int, int, int]:
         """In-place modification counters of the tensors the quantized weight depends on."""
@@ -96,15 +80,16 @@ class QuantizedLayer:
         Inside :meth:`~lightning_sgsc.quant.fused.FusedQuantizer.step` (one training step) this is the layer's
         slice of the step's single fused quantizer pass, as long as none of its tensors changed in place since.
         """
-        if self.__dict__.get("_sgsc_float"):  # inside float_weights(): the uncompressed layer
+        modes = self.modes
+        if modes.float_weight:  # inside float_weights(): the uncompressed layer
             return self.weight
-        fused = self._fused
+        fused = modes.fused
         if fused is not None and torch.is_grad_enabled() and fused[1] == self._versions():
             q = fused[0].to(self.weight.dtype)
         else:
             q = quantize(self.weight, self.bits, self.exponent, self.pruned)
-        if self._weight_probe is not None:  # see feedback.probe_weight_grads
-            q = q + self._weight_probe.to(q.dtype)
+        if modes.probe is not None:  # inside quant.modes.weight_probes()
+            q = q + modes.probe.to(q.dtype)
         return q
 
     def effective_bits(self) -> Tensor:
@@ -137,9 +122,9 @@ class QuantizedLayer:
 
         if type(module) is not cls.float_cls:
             raise SGSCTypeError(describe_rule("module", f"an instance of {cls.float_cls.__name__}", type(module)))
-        if not isinstance(init_bits, (int, float)) or not MIN_INIT_BITS <= float(init_bits) <= MAX_INIT_BITS:
+        if not isinstance(init_bits, (int, float)) or not MIN_INIT_BITS <= float(init_bits) <= MAX_BITS:
             raise SGSCValueError(describe_rule("init_bits", "a number from 2 to 16", init_bits))
-        headroom = resolve_headroom(float(init_bits), init_headroom)
+        headroom = resolve_headroom(float(init_bits), init_headroom, arg="init_headroom")
         twin = cls.__new__(cls)
         _copy_module_state(module, twin)  # type: ignore[arg-type]
         twin._init_quantizer(float(init_bits), headroom)
@@ -157,8 +142,7 @@ class QuantizedLayer:
         out = self.float_cls.__new__(self.float_cls)
         _copy_module_state(module, out)
         del out._parameters["bits"], out._parameters["exponent"], out._buffers["pruned"]
-        for key in ("_sgsc_norm", "_fused", "_weight_probe"):
-            out.__dict__.pop(key, None)
+        out.__dict__.pop("modes", None)
         if bake:
             with torch.no_grad():
                 out.weight = nn.Parameter(self.quantized_weight().detach().clone(), self.weight.requires_grad)
@@ -242,17 +226,3 @@ def stored_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
             seen.add(id(t))
             out.append((name, t))
     return out
-
-
-@contextmanager
-def float_weights(model: nn.Module) -> Iterator[None]:
-    """Within the block every twin of ``model`` computes with its float weight, unquantized: the uncompressed model
-    the same Parameters describe (the preservation term's teacher)."""
-    layers = [m for _, m in quantized_layers(model)]
-    for layer in layers:
-        layer.__dict__["_sgsc_float"] = True
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("_sgsc_float", None)

@@ -32,8 +32,8 @@ def main(out: Path) -> None:
             "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "history": callback.history,
             "indices": callback.preservation_set.indices.tolist(),
-            "budget": callback.budget.state_dict()["tracker"]["controller"],
-            "bit_weight": callback.loss_weights.bit_weight,
+            "budget": callback.state_dict()["budget"]["tracker"]["controller"],
+            "bit_weight": callback.loss_weights(trainer.current_epoch)["bits"],
         },
         out / f"rank{trainer.global_rank}.pt",
     )

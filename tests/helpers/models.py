@@ -131,18 +131,28 @@ class TinyTransformer(nn.Module):
 
 
 def aggressive_callback(**overrides: Any) -> Any:
-    """A callback that drives channels to zero bits within a few steps, so feedback decisions happen in tiny runs."""
-    from lightning_sgsc import SafetyGuidedQuantization
+    """A callback that drives channels to zero bits within a few steps, so feedback decisions happen in tiny runs.
+    ``overrides``: whole groups (``budget=Budget(...)``), shortcuts or 0.2's flat names, each setting one field."""
+    from dataclasses import fields, is_dataclass
 
-    settings: dict[str, Any] = dict(
-        init_bits=2,
-        bit_weight=2.0,
-        quantizer_lr=0.3,
-        preservation_size=24,
-        preservation_batch_size=8,
-        preservation_warmup_epochs=1,
-        threshold=0.0,
-        restore_fraction=0.5,
-    )
-    settings.update(overrides)
-    return SafetyGuidedQuantization(**settings)
+    from lightning_sgsc import SafetyGuidedQuantization
+    from lightning_sgsc.config import SETTINGS
+    from lightning_sgsc.settings import DEPRECATED, SHORTCUTS
+
+    groups: dict[str, dict[str, Any]] = {
+        "quantization": dict(init_bits=2, lr=0.3),
+        "losses": dict(bit_weight=2.0),
+        "preservation": dict(size=24, batch_size=8, warmup_epochs=1),
+        "feedback": dict(threshold=0.0, restore_fraction=0.5),
+        "budget": {},
+    }
+    seed = overrides.pop("seed", 0)
+    for key, value in overrides.items():
+        if key in SETTINGS:
+            groups[key].update(
+                {f.name: getattr(value, f.name) for f in fields(value)} if is_dataclass(value) else value
+            )
+        else:
+            group, field = {**SHORTCUTS, **DEPRECATED}[key]
+            groups[group][field] = value
+    return SafetyGuidedQuantization(**groups, seed=seed)

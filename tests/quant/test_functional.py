@@ -151,3 +151,19 @@ def test_a_channels_step_does_not_depend_on_the_vector_it_is_computed_in():
     pieces = torch.cat([pow2(part) for part in e.split(7)])  # 7: mostly tail elements
     assert torch.equal(whole, pieces)
     assert torch.equal(whole, torch.exp2(e.double()).float())
+
+
+def test_learned_bit_depths_are_bounded_at_16_by_construction(tmp_path):
+    from lightning_sgsc import export_compressed, load_compressed, quantize_
+    from tests.helpers.models import TinyConvNet
+
+    torch.manual_seed(0)
+    net = TinyConvNet()
+    quantize_(net, init_bits=8)
+    with torch.no_grad():
+        net.head.bits.fill_(24.0)  # as an optimizer could move it, with a step fine enough to use them all
+        net.head.exponent.fill_(-30.0)
+    export_compressed(net, tmp_path / "net.sgsc")
+    loaded = load_compressed(tmp_path / "net.sgsc", TinyConvNet())
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(loaded.eval()(x), net.eval()(x))

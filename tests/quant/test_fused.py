@@ -104,14 +104,14 @@ def test_a_tensor_changed_inside_the_step_falls_back_to_its_own_quantizer():
         fresh = model.a.quantized_weight()
         assert not torch.equal(fresh, stale)
         assert torch.equal(fresh, functional.quantize(model.a.weight, model.a.bits, model.a.exponent, model.a.pruned))
-    assert all(m._fused is None for _, m in quantized_layers(model))  # nothing held after the step
+    assert all(m.modes.fused is None for _, m in quantized_layers(model))  # nothing held after the step
 
 
 def test_no_grad_forwards_inside_the_step_do_not_reuse_the_graph():
     model = _randomised(TwoSameFanIn())
     fq = FusedQuantizer([m for _, m in quantized_layers(model)])
     with torch.no_grad(), fq.step():
-        assert model.a._fused is None  # nothing to share without autograd
+        assert model.a.modes.fused is None  # nothing to share without autograd
     with fq.step(), torch.no_grad():
         assert not model.a.quantized_weight().requires_grad
 
@@ -121,13 +121,13 @@ def test_the_mixin_runs_each_training_step_inside_one_fused_pass(tmp_path):
 
     class Probe(TinyClassifier):
         def training_step(self, batch, batch_idx):
-            seen.append(all(m._fused is not None for _, m in quantized_layers(self)))
+            seen.append(all(m.modes.fused is not None for _, m in quantized_layers(self)))
             return super().training_step(batch, batch_idx)
 
     model = Probe()
     cpu_trainer(tmp_path, [SafetyGuidedQuantization(preservation_size=0)], max_epochs=1).fit(model)
     assert seen and all(seen)
-    assert all(m._fused is None for _, m in quantized_layers(model))
+    assert all(m.modes.fused is None for _, m in quantized_layers(model))
 
 
 def test_the_backward_reuses_the_stacked_weights_unless_something_stacked_since(monkeypatch):

@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint
 from torch.testing import assert_close
 from torch.utils.data import DataLoader
 
-from lightning_sgsc import SafetyGuidedQuantization, quantize_
+from lightning_sgsc import Preservation, Quantization, SafetyGuidedQuantization, quantize_
 from lightning_sgsc.export import export_compressed, load_compressed
 from lightning_sgsc.feedback import prune_channels_
 from lightning_sgsc.prune import prune_zero_channels
@@ -17,7 +17,7 @@ from tests.helpers.models import TinyClassifier, TinyConvNet, cpu_trainer
 
 def test_bf16_mixed_on_cpu_trains_and_exports_with_float32_quantizer_state(tmp_path):
     model = TinyClassifier()
-    cb = SafetyGuidedQuantization(init_bits=4, bit_weight=0.5, preservation_warmup_epochs=0)
+    cb = SafetyGuidedQuantization(init_bits=4, bit_weight=0.5, preservation=Preservation(warmup_epochs=0))
     cpu_trainer(tmp_path, [cb], max_epochs=2, precision="bf16-mixed").fit(model)
     for layer in (model.net.features[0], model.net.head):
         assert layer.bits.dtype == layer.exponent.dtype == torch.float32
@@ -37,7 +37,10 @@ class NaNMetric(TinyClassifier):
 def test_a_nan_preservation_metric_skips_with_a_warning(tmp_path):
     model = NaNMetric()
     cb = SafetyGuidedQuantization(
-        init_bits=2, bit_weight=5.0, quantizer_lr=0.5, preservation_warmup_epochs=0, preservation_loss="labels"
+        init_bits=2,
+        bit_weight=5.0,
+        quantization=Quantization(lr=0.5),
+        preservation=Preservation(warmup_epochs=0, loss="labels"),
     )
     pruned_before = {}
 
@@ -58,7 +61,7 @@ class EmptyValidation(TinyClassifier):
 
 
 def test_a_validation_loader_without_batches_still_gets_feedback(tmp_path):
-    cb = SafetyGuidedQuantization(preservation_warmup_epochs=0)
+    cb = SafetyGuidedQuantization(preservation=Preservation(warmup_epochs=0))
     cpu_trainer(tmp_path, [cb], max_epochs=2, limit_val_batches=None).fit(EmptyValidation())
     assert [e["epoch"] for e in cb.history] == [0, 1]
 
@@ -71,7 +74,7 @@ class Interrupt(Callback):
 
 def test_keyboard_interrupt_leaves_a_checkpoint_that_resumes(tmp_path):
     model = TinyClassifier()
-    cb = SafetyGuidedQuantization(init_bits=4, bit_weight=0.5, preservation_warmup_epochs=0)
+    cb = SafetyGuidedQuantization(init_bits=4, bit_weight=0.5, preservation=Preservation(warmup_epochs=0))
     saver = OnExceptionCheckpoint(dirpath=tmp_path, filename="interrupted")
     trainer = cpu_trainer(tmp_path, [cb, saver, Interrupt()], max_epochs=3, enable_checkpointing=True)
     with pytest.raises(SystemExit):  # Lightning 2.6: on_exception hooks (the checkpoint), then exit(1)
@@ -79,7 +82,7 @@ def test_keyboard_interrupt_leaves_a_checkpoint_that_resumes(tmp_path):
     ckpt = tmp_path / "interrupted.ckpt"
     assert ckpt.exists()
     resumed = TinyClassifier()
-    cb2 = SafetyGuidedQuantization(init_bits=4, bit_weight=0.5, preservation_warmup_epochs=0)
+    cb2 = SafetyGuidedQuantization(init_bits=4, bit_weight=0.5, preservation=Preservation(warmup_epochs=0))
     trainer = cpu_trainer(tmp_path, [cb2], max_epochs=3, enable_checkpointing=True)
     trainer.fit(resumed, ckpt_path=ckpt)
     assert trainer.current_epoch == 3 and len(cb2.history) == 3  # the interrupted epoch ran again after resuming

@@ -5,7 +5,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from lightning_sgsc import SafetyGuidedQuantization
+from lightning_sgsc import Budget, SafetyGuidedQuantization
 from tests.helpers.models import TinyClassifier, aggressive_callback, cpu_trainer
 
 
@@ -16,11 +16,11 @@ class InOrder(TinyClassifier):
         return DataLoader(self.data, batch_size=16)
 
 
-BUDGET = dict(max_drop=0.1, monitor="val/acc", mode="max", budget_warmup_checks=1, cooldown_fraction=0.2)
+BUDGET = Budget(max_drop=0.1, monitor="val/acc", mode="max", warmup_checks=1, cooldown_fraction=0.2)
 
 
 def _callback(budget: bool = False) -> SafetyGuidedQuantization:
-    return aggressive_callback(**(BUDGET if budget else {}))
+    return aggressive_callback(**({"budget": BUDGET} if budget else {}))
 
 
 class _StopAfter(Callback):
@@ -66,8 +66,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, budget):
     assert any(e["pruned"] or e["restored"] for e in cb_straight.history)  # the run did make decisions
     assert cb_resumed.preservation_set.indices.tolist() == cb_straight.preservation_set.indices.tolist()
     assert cb_resumed.preservation.draws == cb_straight.preservation.draws
-    assert cb_resumed.loss_weights.bit_weight == cb_straight.loss_weights.bit_weight
+    assert cb_resumed.loss_weights(3) == cb_straight.loss_weights(3)
     if budget:  # the controller, the best state kept and the cool-down resume exactly too
-        a_state, b_state = cb_straight.budget.state_dict(), cb_resumed.budget.state_dict()
+        a_state, b_state = cb_straight.state_dict()["budget"], cb_resumed.state_dict()["budget"]
         assert a_state["tracker"]["controller"] == b_state["tracker"]["controller"] and a_state["cooling"]
         assert a_state["tracker"]["best"] == b_state["tracker"]["best"]

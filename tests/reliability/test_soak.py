@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.callbacks import Callback
 
-from lightning_sgsc import SafetyGuidedQuantization, model_size
+from lightning_sgsc import Feedback, Preservation, Quantization, SafetyGuidedQuantization, model_size
 from lightning_sgsc.examples import ClassifierModule, DigitsCNN, DigitsDataModule
 from tests.helpers.models import cpu_trainer
 
@@ -31,11 +31,9 @@ def test_twenty_aggressive_epochs_keep_memory_flat(tmp_path):
     cb = SafetyGuidedQuantization(
         init_bits=4,
         bit_weight=1.0,
-        quantizer_lr=0.05,
-        threshold=0.0,
-        restore_fraction=0.5,
-        preservation_warmup_epochs=0,
-        max_history=5,
+        quantization=Quantization(lr=0.05),
+        feedback=Feedback(threshold=0.0, restore_fraction=0.5, max_history=5),
+        preservation=Preservation(warmup_epochs=0),
     )
     memory = Memory()
     trainer = cpu_trainer(tmp_path, [cb, memory], max_epochs=20, limit_train_batches=None, limit_val_batches=None)
