@@ -37,8 +37,8 @@ from lightning_sgsc.optim import own_param_group
 from lightning_sgsc.preservation.lifecycle import PreservationData, PreservationManager
 from lightning_sgsc.preservation.set import PreservationSet
 from lightning_sgsc.quant.fused import FusedQuantizer
-from lightning_sgsc.quant.modules import QuantizedLayer, quantized_layers, quantizer_parameters
-from lightning_sgsc.quant.swap import quantize_
+from lightning_sgsc.quant.modules import QuantizedLayer, followers, quantized_layers, quantizer_parameters
+from lightning_sgsc.quant.swap import quantize_, swap_report
 from lightning_sgsc.settings import Settings, resolve_settings
 from lightning_sgsc.signal import Direction
 from lightning_sgsc.size import model_size, size_metrics
@@ -148,10 +148,12 @@ class SafetyGuidedQuantization(Callback):
             raise SGSCRuntimeError(describe_rule("Trainer(callbacks=...)", "one SafetyGuidedQuantization", f"{n}"))
         if not quantized_layers(pl_module):  # a second fit, or a model the user swapped: re-use, never swap twice
             q = self.settings.quantization
-            names = quantize_(pl_module, q.init_bits, q.include, q.exclude, init_headroom=q.init_headroom)
-            rank_zero_info(f"[sgsc] quantized {len(names)} layers at {q.init_bits:g} bits")
+            quantize_(pl_module, q.init_bits, q.include, q.exclude, init_headroom=q.init_headroom)
+            rank_zero_info(f"[sgsc] at {q.init_bits:g} bits, {swap_report(pl_module).summary()}")
         self._layers = [m for _, m in quantized_layers(pl_module)]
-        self._fused = FusedQuantizer(self._layers, compile=self.settings.quantization.compile)
+        self._fused = FusedQuantizer(
+            self._layers, compile=self.settings.quantization.compile, followers=followers(pl_module)
+        )
         self.policy.direction = self.preservation.direction(pl_module)
         self._make_tracker(pl_module)
         pl_module.attach_compression(self)

@@ -28,9 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sgsc.errors import SGSCRuntimeError, SGSCValueError, describe_rule
+from lightning_sgsc.outputs import MainOutput, OutputFn, main_output
 from lightning_sgsc.prune import PruneReport, prune_zero_channels
 from lightning_sgsc.quant.functional import pow2, required_bits
-from lightning_sgsc.quant.modules import quantized_layers
+from lightning_sgsc.quant.modules import all_twins, quantized_layers
 from lightning_sgsc.quant.swap import dequantize_
 
 OPSET = 21
@@ -122,6 +123,7 @@ def export_onnx(
     prune: bool = True,
     dynamic_batch: bool = True,
     atol: float = 1e-4,
+    output_fn: OutputFn | None = None,
 ) -> OnnxReport:
     """Writes ``model`` (holding quantized twins) as an ONNX file with integer weights and checks it in ONNX Runtime.
 
@@ -133,6 +135,8 @@ def export_onnx(
         prune: remove zero channels first (fewer MACs at inference).
         dynamic_batch: export the batch dimension as dynamic.
         atol: largest allowed difference between ONNX Runtime's outputs and the compressed PyTorch model's.
+        output_fn: which tensor of the model's output the file returns (default: ``logits`` when present, else the
+            first tensor; :mod:`lightning_sgsc.outputs`).
 
     Returns:
         An :class:`OnnxReport`.
@@ -144,29 +148,69 @@ def export_onnx(
     """
     onnx, ort = _require_onnx()
     inputs = _inputs(example_inputs)
-    layers = quantized_layers(model)
-    names = [name for name, _ in layers]
-    with torch.no_grad():  # each row's scale 2^e as the quantizer computes it; 0 for rows that quantize to zero
-        scales = {n: torch.where(m.effective_bits() > 0, pow2(m.exponent.float()), 0.0) for n, m in layers}
-    if not names:
+    if not quantized_layers(model):
         raise SGSCRuntimeError(describe_rule("model", "a model with quantized layers", "a float model"))
+    scales = _layer_scales(model)
+    reference, baked, plain = _reference_and_baked(model, inputs, output_fn)
+    report = OnnxReport(path=str(path), file_bytes=0)
+    if prune:
+        report.prune = prune_zero_channels(baked, inputs[0] if len(inputs) == 1 else inputs, output_fn=output_fn)
+    exported = baked.eval() if plain else MainOutput(baked.eval(), output_fn)  # a tensor out, for the exporter
+    proto = _exported(onnx, exported, inputs, path, dynamic_batch, varargs=not plain)
+    _quantize_initializers(onnx, proto, baked, scales, report, prefix="" if plain else "model.")
+    onnx.checker.check_model(proto, full_check=True)
+    data = proto.SerializeToString()
+    Path(path).write_bytes(data)
+    report.file_bytes = len(data)
+    report.max_abs_diff = _check(ort, data, inputs, reference, atol)
+    return report
+
+
+def _layer_scales(model: nn.Module) -> dict[str, tuple[Tensor, int, str, bool]]:
+    """Per twin (both holders of a tied weight): each channel's scale ``2^e`` as the quantizer computes it (0 for
+    channels that quantize to zero), its channel axis, the name of its quantized Parameter, and whether it is the
+    second holder of a tied weight."""
+    owners = {id(m) for _, m in quantized_layers(model)}
+    with torch.no_grad():
+        return {
+            name: (
+                torch.where(m.effective_bits() > 0, pow2(m.exponent.float()), 0.0),
+                m.channel_axis,
+                m.quant_param,
+                id(m) not in owners,
+            )
+            for name, m in all_twins(model)
+        }
+
+
+def _reference_and_baked(
+    model: nn.Module, inputs: tuple[Tensor, ...], output_fn: OutputFn | None
+) -> tuple[Tensor, nn.Module, bool]:
+    """The compressed model's output on ``inputs`` (eval mode), a float copy holding its quantized weights, and
+    whether the model returns that tensor itself (no wrapper needed)."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            reference = model(*inputs)
+            raw = model(*inputs)
+            reference = main_output(raw, output_fn)
         baked = copy.deepcopy(model)
     finally:
         model.train(was_training)
     dequantize_(baked)
-    report = OnnxReport(path=str(path), file_bytes=0)
-    if prune:
-        report.prune = prune_zero_channels(baked, inputs[0] if len(inputs) == 1 else inputs)
-    baked.eval()
-    dynamic = tuple({0: torch.export.Dim.DYNAMIC} for _ in inputs) if dynamic_batch else None
+    return reference, baked, isinstance(raw, Tensor) and output_fn is None
+
+
+def _exported(
+    onnx: Any, module: nn.Module, inputs: tuple[Tensor, ...], path: str | Path, dynamic_batch: bool, varargs: bool
+) -> Any:
+    """``module`` through torch's ONNX exporter, without the exporter's per-node stack traces (``varargs``: its
+    forward takes ``*args``, as :class:`~lightning_sgsc.outputs.MainOutput` does)."""
+    dims: Any = tuple({0: torch.export.Dim.DYNAMIC} for _ in inputs)
+    dynamic = ((dims,) if varargs else dims) if dynamic_batch else None
     try:
         program = torch.onnx.export(
-            baked, inputs, dynamo=True, optimize=False, dynamic_shapes=dynamic, opset_version=OPSET, verbose=False
+            module, inputs, dynamo=True, optimize=False, dynamic_shapes=dynamic, opset_version=OPSET, verbose=False
         )
         if program is None:
             raise RuntimeError("the exporter returned no program")
@@ -177,53 +221,61 @@ def export_onnx(
             + (" Try dynamic_batch=False." if dynamic_batch else "")
         ) from err
     proto = onnx.load(str(path))
-    for node in proto.graph.node:  # the exporter's per-node stack traces: kilobytes of text the runtime never reads
+    for node in proto.graph.node:  # kilobytes of text the runtime never reads
         del node.metadata_props[:]
         node.doc_string = ""
-    _quantize_initializers(onnx, proto, baked, scales, report)
-    onnx.checker.check_model(proto, full_check=True)
-    data = proto.SerializeToString()
-    Path(path).write_bytes(data)
-    report.file_bytes = len(data)
-    report.max_abs_diff = _check(ort, data, inputs, reference, atol)
-    return report
+    return proto
 
 
 def _quantize_initializers(
-    onnx: Any, proto: Any, baked: nn.Module, scales: dict[str, Tensor], report: OnnxReport
+    onnx: Any,
+    proto: Any,
+    baked: nn.Module,
+    scales: dict[str, tuple[Tensor, int, str, bool]],
+    report: OnnxReport,
+    prefix: str = "",
 ) -> None:
+    """Replaces each quantized layer's float weight initializer by integers, per-channel scales and a
+    ``DequantizeLinear`` along the channel axis whose output takes the weight's name."""
     graph = proto.graph
     initializers = {init.name: init for init in graph.initializer}
     consumers = {i for node in graph.node for i in node.input}
     new_nodes = []
-    for name, layer_scales in scales.items():
-        key = f"{name}.weight"
+    for name, (layer_scales, axis, param, follower) in scales.items():
+        key = f"{prefix}{name}.{param}"
         init = initializers.get(key)
+        if init is None and follower:  # the tied weight is one initializer, under its first holder's name
+            continue
         if init is None or key not in consumers:
             raise SGSCRuntimeError(
                 describe_rule(f"layer {name!r}", "a weight the exported graph reads as an initializer", "none found")
                 + " The exporter folded or rewrote it; export this layer in float (exclude it) or change its forward."
             )
-        weight = cast(Tensor, baked.get_submodule(name).weight).detach()
+        weight = _float(baked, key, prefix)
         try:
-            q, row_scale = row_integers(weight, layer_scales)
+            q, channel_scale = row_integers(weight.movedim(axis, 0) if axis else weight, layer_scales)
         except SGSCValueError as err:
             raise SGSCRuntimeError(
                 describe_rule(f"layer {name!r}", "rows on its quantization grid after pruning", str(err))
             ) from err
         bits = int(required_bits(q).max()) if q.numel() else 1
-        int_init, kind = _int_tensor(onnx, f"{key}_quantized", q, max(bits, 1))
-        scale = onnx.numpy_helper.from_array(row_scale.numpy().astype(np.float32), f"{key}_scale")
+        int_init, kind = _int_tensor(onnx, f"{key}_quantized", q.movedim(0, axis) if axis else q, max(bits, 1))
+        scale = onnx.numpy_helper.from_array(channel_scale.numpy().astype(np.float32), f"{key}_scale")
         graph.initializer.remove(init)
         graph.initializer.extend([int_init, scale])
         new_nodes.append(
             onnx.helper.make_node(
-                "DequantizeLinear", [int_init.name, scale.name], [key], axis=0, name=f"{key}_dequantize"
+                "DequantizeLinear", [int_init.name, scale.name], [key], axis=axis, name=f"{key}_dequantize"
             )
         )
         report.weight_types[name] = kind
     for node in reversed(new_nodes):
         graph.node.insert(0, node)
+
+
+def _float(baked: nn.Module, key: str, prefix: str) -> Tensor:
+    owner, _, param = key.removeprefix(prefix).rpartition(".")
+    return cast(Tensor, getattr(baked.get_submodule(owner), param)).detach()
 
 
 def runtime_session(model: str | Path | bytes, fold_weights: bool = True, providers: list[str] | None = None) -> Any:
@@ -250,7 +302,7 @@ def runtime_session(model: str | Path | bytes, fold_weights: bool = True, provid
     return ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
 
 
-def _check(ort: Any, data: bytes, inputs: tuple[Tensor, ...], reference: Any, atol: float) -> float:
+def _check(ort: Any, data: bytes, inputs: tuple[Tensor, ...], reference: Tensor, atol: float) -> float:
     """The largest difference to ``reference`` of the graph as written (DequantizeLinear at every call) and of the
     session :func:`runtime_session` gives (weights folded at load)."""
     expected = reference if isinstance(reference, (tuple, list)) else [reference]

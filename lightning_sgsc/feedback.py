@@ -187,7 +187,7 @@ def raise_precision_(model: nn.Module, selection: Masks, bits: float) -> int:
     total = 0
     for layer, mask in _selected(model, selection):
         layer.bits[mask] = torch.clamp(layer.bits[mask], min=bits)
-        layer.exponent[mask] = init_exponent(layer.weight[mask], bits).to(layer.exponent.dtype)
+        layer.exponent[mask] = init_exponent(layer.channel_weight[mask], bits).to(layer.exponent.dtype)
         total += int(mask.sum())
     return total
 
@@ -195,9 +195,10 @@ def raise_precision_(model: nn.Module, selection: Masks, bits: float) -> int:
 def restore_candidates_value(layer: QuantizedLayer, bits: float) -> Tensor:
     """The weights channel by channel would get if restored at ``bits`` bits (used to score restores)."""
     with torch.no_grad():
-        exp = init_exponent(layer.weight, bits)
+        weight = layer.channel_weight
+        exp = init_exponent(weight, bits)
         b = torch.full_like(layer.bits, float(bits))
-        return quantize(layer.weight, b, exp)
+        return quantize(weight, b, exp)
 
 
 def taylor_restore_scores(
@@ -215,7 +216,7 @@ def taylor_restore_scores(
     scores = {}
     for name, layer in quantized_layers(model):
         with torch.no_grad():  # the change of the quantized weight (zero-bit channels: from 0)
-            value = (restore_candidates_value(layer, bits) - layer.quantized_weight()).float()
+            value = (restore_candidates_value(layer, bits) - layer.quantized_channels()).float()
         g = grads[name].float()
         scores[name] = (g * value).reshape(value.shape[0], -1).sum(dim=1).abs()
     return scores
@@ -238,27 +239,34 @@ def enforce_min_channels(model: nn.Module, to_prune: Masks, min_channels: int) -
         keep_mask = torch.zeros_like(mask)
         if spare:
             idx = mask.nonzero().flatten()
-            norms = layer.weight[idx].reshape(idx.numel(), -1).norm(dim=1)
+            norms = layer.channel_weight[idx].reshape(idx.numel(), -1).norm(dim=1)
             keep_mask[idx[torch.topk(norms, min(spare, idx.numel())).indices]] = True
         prune[name] = mask & ~keep_mask
         keep[name] = keep_mask
     return prune, keep
 
 
-def _clear_state(optimizers: Sequence[torch.optim.Optimizer], param: Tensor, mask: Tensor) -> None:
-    """Zeroes the rows ``mask`` of every per-parameter optimizer state of ``param`` (Adam moments, momentum)."""
+def _rows(t: Tensor, axis: int) -> Tensor:
+    """``t`` with the channel axis first (a view)."""
+    return t if axis == 0 else t.movedim(axis, 0)
+
+
+def _clear_state(optimizers: Sequence[torch.optim.Optimizer], param: Tensor, axis: int, mask: Tensor) -> None:
+    """Zeroes the channel slices ``mask`` of every per-parameter optimizer state of ``param`` (Adam moments,
+    momentum)."""
     for opt in optimizers:
         for value in opt.state.get(param, {}).values():
             if isinstance(value, Tensor) and value.shape == param.shape:
-                value[mask] = 0
+                _rows(value, axis)[mask] = 0
 
 
-def _frozen(layer: QuantizedLayer) -> list[Tensor]:
-    """The tensors whose rows a pruned channel freezes: weight, bias, bits, and the affine parameters of the
-    BatchNorm that reads the layer (see :func:`lightning_sgsc.norms.link_norms_`)."""
+def _frozen(layer: QuantizedLayer) -> list[tuple[Tensor, int, bool]]:
+    """``(tensor, channel axis, zeroable)`` of what a pruned channel freezes: the layer's channel slices
+    (:meth:`~lightning_sgsc.quant.modules.QuantizedLayer.channel_rows`) and the affine parameters of the BatchNorm
+    that reads the layer (see :func:`lightning_sgsc.norms.link_norms_`)."""
     norm = coupled_norm(layer)
-    extra = [norm.weight, norm.bias] if norm is not None else []
-    return [t for t in (layer.weight, layer.bias, layer.bits, *extra) if t is not None]
+    extra = [(t, 0, True) for t in (norm.weight, norm.bias) if t is not None] if norm is not None else []
+    return [*layer.channel_rows(), *extra]  # type: ignore[list-item]
 
 
 @torch.no_grad()
@@ -270,9 +278,10 @@ def prune_channels_(model: nn.Module, selection: Masks, optimizers: Sequence[tor
     total = 0
     for layer, mask in _selected(model, selection):
         layer.pruned |= mask
-        for param in _frozen(layer):
-            param[mask] = 0
-            _clear_state(optimizers, param, mask)
+        for param, axis, zeroable in _frozen(layer):
+            if zeroable:
+                _rows(param, axis)[mask] = 0
+            _clear_state(optimizers, param, axis, mask)
         total += int(mask.sum())
     return total
 
@@ -285,9 +294,9 @@ def mask_pruned_grads_(model: nn.Module | list[QuantizedLayer]) -> None:
     for layer in layers:
         if not bool(layer.pruned.any()):
             continue
-        for param in _frozen(layer):
+        for param, axis, _ in _frozen(layer):
             if param.grad is not None:
-                param.grad[layer.pruned] = 0
+                _rows(param.grad, axis)[layer.pruned] = 0
 
 
 def apply_decision(

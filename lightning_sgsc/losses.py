@@ -22,12 +22,13 @@ def l1_term(model: nn.Module | list[QuantizedLayer]) -> Tensor:
     A mean, not a sum, so its weight means the same for a tiny and a large model.
     """
     layers = _layers(model)
-    total = layers[0].weight.new_zeros(())
+    total = layers[0].bits.new_zeros(())
     count = 0
     for layer in layers:
-        keep = (~layer.pruned).to(layer.weight.dtype).reshape((-1,) + (1,) * (layer.weight.dim() - 1))
-        total = total + (layer.weight.abs() * keep).sum()
-        count += layer.weight.numel()
+        weight = layer.channel_weight
+        keep = (~layer.pruned).to(weight.dtype).reshape((-1,) + (1,) * (weight.dim() - 1))
+        total = total + (weight.abs() * keep).sum()
+        count += weight.numel()
     return total / max(count, 1)
 
 
@@ -41,7 +42,7 @@ def bits_per_weight(model: nn.Module | list[QuantizedLayer]) -> Tensor:
     count = 0
     for layer in layers:
         total = total + layer.effective_bits().sum() * layer.fan_in
-        count += layer.weight.numel()
+        count += layer.out_channels_ * layer.fan_in
     return total / max(count, 1)
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sgsc.errors import SGSCTypeError, describe_rule
+from lightning_sgsc.outputs import OutputFn, main_output
 from lightning_sgsc.quant.modules import quantized_layers
 
 _PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -55,6 +56,12 @@ def _zero_rows(layer: nn.Module) -> Tensor:
     return zero
 
 
+def _run(model: nn.Module, example_inputs: Any, output_fn: OutputFn | None) -> Tensor:
+    """The model's main output on ``example_inputs`` (a tensor, or a tuple of positional inputs)."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    return main_output(model(*args), output_fn)
+
+
 def _output_layers(model: nn.Module, example_inputs: Any) -> set[nn.Module]:
     """Layers whose output tensor is (part of) the model's output: their channels are never removed."""
     produced: dict[int, nn.Module] = {}
@@ -65,11 +72,26 @@ def _output_layers(model: nn.Module, example_inputs: Any) -> set[nn.Module]:
     ]
     try:
         with torch.no_grad():
-            out = model(example_inputs)
+            out = model(*(example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)))
     finally:
         for h in hooks:
             h.remove()
-    outs = out if isinstance(out, (tuple, list)) else [out]
+    outs: list[Any] = []
+
+    def collect(value: Any) -> None:  # every tensor of the output, whatever holds it
+        if isinstance(value, Tensor):
+            outs.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                collect(v)
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                collect(v)
+        elif hasattr(value, "values") and callable(value.values):  # transformers' ModelOutput
+            for v in value.values():
+                collect(v)
+
+    collect(out)
     return {produced[id(o)] for o in outs if id(o) in produced}
 
 
@@ -80,7 +102,9 @@ def _count(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
     return int(macs), int(params)
 
 
-def prune_zero_channels(model: nn.Module, example_inputs: Any, atol: float = 1e-5) -> PruneReport:
+def prune_zero_channels(
+    model: nn.Module, example_inputs: Any, atol: float = 1e-5, output_fn: OutputFn | None = None
+) -> PruneReport:
     """Removes every exactly-zero output channel that can be removed without changing the outputs, in place.
 
     Args:
@@ -88,6 +112,8 @@ def prune_zero_channels(model: nn.Module, example_inputs: Any, atol: float = 1e-
             :func:`~lightning_sgsc.dequantize_`), in eval mode.
         example_inputs: inputs to trace the model with (and to check the outputs on).
         atol: largest absolute output change accepted (summation order differs once channels are gone).
+        output_fn: which tensor of the model's output to compare (default: ``logits`` when present, else the first
+            tensor; :mod:`lightning_sgsc.outputs`).
 
     Returns:
         A :class:`PruneReport`: channels removed and kept per layer, parameters and MACs before and after.
@@ -102,7 +128,7 @@ def prune_zero_channels(model: nn.Module, example_inputs: Any, atol: float = 1e-
         )
     model.eval()
     with torch.no_grad():
-        reference = model(example_inputs)
+        reference = _run(model, example_inputs, output_fn)
     report = PruneReport()
     report.macs_before, report.params_before = _count(model, example_inputs)
     report.heads_removed = prune_attention_heads(model)
@@ -120,12 +146,12 @@ def prune_zero_channels(model: nn.Module, example_inputs: Any, atol: float = 1e-
     removed = _prune_layers(current, removable, example_inputs)
     if not removed:
         current = model
-    elif not _matches(current, example_inputs, reference, atol):
+    elif not _matches(current, example_inputs, reference, atol, output_fn):
         current, removed = model, {}
         for name in removable:
             trial = copy.deepcopy(current)
             count = _prune_layers(trial, [name], example_inputs).get(name, 0)
-            if count and _matches(trial, example_inputs, reference, atol):
+            if count and _matches(trial, example_inputs, reference, atol, output_fn):
                 current, removed[name] = trial, count
     for name in removable:
         report.removed.update({name: removed[name]} if removed.get(name) else {})
@@ -134,7 +160,7 @@ def prune_zero_channels(model: nn.Module, example_inputs: Any, atol: float = 1e-
     if current is not model:  # the caller's object takes over the pruned copy's state (in place)
         model.__dict__.update(current.__dict__)
     with torch.no_grad():
-        out = model(example_inputs)
+        out = _run(model, example_inputs, output_fn)
     report.max_abs_diff = float((out - reference).abs().max())
     report.macs_after, report.params_after = _count(model, example_inputs)
     return report
@@ -160,17 +186,22 @@ def _prune_layers(model: nn.Module, names: list[str], example_inputs: Any) -> di
             continue
         conv = isinstance(layer, (nn.Conv1d, nn.Conv2d))
         handler = tp.prune_conv_out_channels if conv else tp.prune_linear_out_channels
-        group = graph.get_pruning_group(layer, handler, idxs=idxs)
-        if _group_is_exact(group):
+        try:
+            group = graph.get_pruning_group(layer, handler, idxs=idxs)
+        except ValueError:  # not in the traced graph (a weight its parent reads directly, as attention's out_proj)
+            continue
+        if _group_is_exact(group, layer):
             group.prune()
             removed[name] = len(idxs)
     return removed
 
 
-def _matches(model: nn.Module, example_inputs: Any, reference: Tensor, atol: float) -> bool:
+def _matches(
+    model: nn.Module, example_inputs: Any, reference: Tensor, atol: float, output_fn: OutputFn | None = None
+) -> bool:
     try:
         with torch.no_grad():
-            out = model(example_inputs)
+            out = _run(model, example_inputs, output_fn)
     except Exception:  # e.g. a reshape or split that no longer fits the pruned widths
         return False
     return out.shape == reference.shape and float((out - reference).abs().max()) <= atol
@@ -216,20 +247,31 @@ def prune_attention_heads(model: nn.Module) -> dict[str, int]:
     return removed
 
 
-def _group_is_exact(group: Any) -> bool:
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 and module.groups == module.in_channels
+
+
+def _group_is_exact(group: Any, start: nn.Module) -> bool:
+    """Whether removing ``group`` keeps the outputs: every layer whose outputs it cuts is zero there, every
+    BatchNorm has zero ``gamma``/``beta`` there, and no other normalisation or embedding is in it. One exception: the
+    zero channels of a depthwise (grouped) convolution read only their own input channel, so the layers and norms
+    *before* it whose channels feed nothing else are dead, zero or not; :func:`prune_zero_channels` checks the
+    outputs after every removal in any case."""
+    cut_before = _is_depthwise(start)
     for dep, idxs in group:
         module = dep.target.module
         handler = getattr(dep.handler, "__name__", "")
         if isinstance(module, _BLOCKERS):
             return False
-        if isinstance(module, _BATCH_NORM):  # exact only where gamma = beta = 0: the channel stays zero after it
-            rows = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
+        rows = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
+        if isinstance(module, _BATCH_NORM) and not cut_before:  # exact only where gamma = beta = 0
             if not module.affine or bool(module.weight[rows].any()) or bool(module.bias[rows].any()):
                 return False
-        if isinstance(module, _PRUNABLE) and handler == "prune_out_channels":
-            rows = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
-            if not bool(_zero_rows(module)[rows].all()):
+        if isinstance(module, _PRUNABLE) and handler == "prune_out_channels" and module is not start:
+            if not cut_before and not bool(_zero_rows(module)[rows].all()):
                 return False
+        if module is start and not bool(_zero_rows(module)[rows].all()):
+            return False
     return True
 
 

@@ -89,7 +89,7 @@ def model_size(model: nn.Module) -> ModelSize:
             + layer.out_channels_ * BITS_BYTES_PER_CHANNEL
             + kept * SCALE_BYTES_PER_KEPT_CHANNEL
         )
-        n = layer.weight.numel()
+        n = layer.out_channels_ * layer.fan_in
         layers.append(
             LayerSize(
                 name=name,
@@ -105,7 +105,7 @@ def model_size(model: nn.Module) -> ModelSize:
         total_weights += n
         zero_bit += layer.out_channels_ - kept
         pruned += int(layer.pruned.sum())
-        counted.add(id(layer.weight))
+        counted.update(id(t) for t in layer.leaf_tensors())
         float32_bytes += 4 * n
     other = 0
     params = {id(p) for p in model.parameters()}

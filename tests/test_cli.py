@@ -46,7 +46,7 @@ def test_fit_with_the_callback_from_flags(tmp_path):
         cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "[sgsc] quantized 3 layers at 4 bits" in run.stderr + run.stdout
+    assert "[sgsc] at 4 bits, quantized 3 layers" in run.stderr + run.stdout
 
 
 @pytest.mark.slow
@@ -74,7 +74,7 @@ trainer:
     )
     run = _sgsc("fit", "--config", "cfg.yaml", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "[sgsc] quantized 2 layers at 6 bits" in run.stderr + run.stdout
+    assert "[sgsc] at 6 bits, quantized 2 layers" in run.stderr + run.stdout
 
 
 def test_bad_callback_argument_is_reported(tmp_path):

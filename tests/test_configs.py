@@ -168,7 +168,6 @@ def test_the_digits_experiment_compresses_with_the_demo_settings():
     # The demo's settings were tuned with exponents fitted tightly (headroom 0); the default 2 bits cost it accuracy.
     from hydra.utils import instantiate
 
-    from lightning_sgsc import SafetyGuidedQuantization
     from lightning_sgsc.demo import DEMO_SETTINGS
 
     cfg = OmegaConf.to_container(_compose(["experiment=digits"]).sgsc, resolve=True)

@@ -101,7 +101,7 @@ def test_truncated_foreign_and_wrong_version_files(tmp_path):
     header = _header(data)
     header["version"] = 99
     (tmp_path / "v99").write_bytes(_with_header(data, header))
-    with pytest.raises(CompressedFormatError, match=r"`version` must be 1 or 2, got 99"):
+    with pytest.raises(CompressedFormatError, match=r"`version` must be 1, 2 or 3, got 99"):
         load_compressed(tmp_path / "v99", TinyConvNet())
 
 
@@ -262,13 +262,14 @@ def test_tied_weights_are_stored_once_and_reload_tied(tmp_path):
 
     torch.manual_seed(0)
     model = TinyGPT()
-    with pytest.warns(UserWarning, match=r"'lm_head' shares its weight with \['wte'\]: left in float"):
-        quantize_(model, init_bits=4)
-    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.wte.weight
+    quantize_(model, init_bits=4)  # the head and the embedding share one quantizer, per vocabulary row
+    assert model.lm_head.weight is model.wte.weight and model.lm_head.bits is model.wte.bits
     path = tmp_path / "gpt.sgsc"
     export_compressed(model.eval(), path)
-    names = [e["n"] for e in _header(path.read_bytes())["entries"]]
+    entries = _header(path.read_bytes())["entries"]
+    names = [e["n"] for e in entries]
     assert names.count("wte.weight") == 1 and "lm_head.weight" in names  # an alias, not a second copy
+    assert next(e for e in entries if e["n"] == "lm_head.weight")["k"] == "a"
     loaded = load_compressed(path, TinyGPT()).eval()
     assert loaded.lm_head.weight is loaded.wte.weight
     idx = torch.randint(0, 13, (2, 8))

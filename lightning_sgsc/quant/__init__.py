@@ -9,7 +9,7 @@ from lightning_sgsc.quant.modules import (
     quantized_layers,
     quantizer_parameters,
 )
-from lightning_sgsc.quant.swap import dequantize_, quantize_, select_layers
+from lightning_sgsc.quant.swap import dequantize_, quantize_, select_layers, swap_report
 
 __all__ = [
     "QuantConv1d",
@@ -24,4 +24,5 @@ __all__ = [
     "quantizer_parameters",
     "required_bits",
     "select_layers",
+    "swap_report",
 ]

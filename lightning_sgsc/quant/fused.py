@@ -92,7 +92,7 @@ class _Group:
         the workspace as holding these tensors (see :meth:`restack`)."""
         if len(self.members) == 1 and not self.padded:
             t = tensors[self.members[0]]
-            return (t if t.dim() == 2 else t.view(self.channels[0], self.width)).float()
+            return (t if t.dim() == 2 else t.reshape(self.channels[0], self.width)).float()
         device = tensors[self.members[0]].device
         if self.numel > WORKSPACE_MAX:
             parts = [tensors[i] if len(s) == 2 else tensors[i].reshape(c, -1) for i, c, s in self._zip()]
@@ -161,7 +161,7 @@ def _plan(layers: Sequence[QuantizedLayer]) -> list[_Group]:
     for width, members in merged:
         channels = tuple(layers[i].out_channels_ for i in members)
         fan_in = tuple(layers[i].fan_in for i in members)
-        shapes = tuple(tuple(int(d) for d in layers[i].weight.shape) for i in members)
+        shapes = tuple(tuple(int(d) for d in layers[i].channel_weight.shape) for i in members)
         groups.append(_Group(start, start + sum(channels), width, tuple(members), channels, fan_in, shapes))
         start += sum(channels)
     return groups
@@ -288,16 +288,24 @@ class FusedQuantizer:
             quantizer.
         compile: run the arithmetic through ``torch.compile`` (opt-in: a compile at the first steps, and the
             per-channel ``b``/``e`` gradient sums may differ in their last bits from the eager path).
+        followers: the second holders of tied weights, by ``id`` of their first holder (one of ``layers``): they
+            compute with the same quantized weight (:func:`~lightning_sgsc.quant.modules.followers`).
     """
 
-    def __init__(self, layers: Sequence[QuantizedLayer], compile: bool = False) -> None:
+    def __init__(
+        self,
+        layers: Sequence[QuantizedLayer],
+        compile: bool = False,
+        followers: dict[int, list[QuantizedLayer]] | None = None,
+    ) -> None:
         self.layers = list(layers)
+        self.followers = followers or {}  # the other holders of a tied weight, by id of the first (same result)
         self._arithmetic = _Arithmetic.compiled() if compile else _Arithmetic()
         # the layers in channel-vector order (group by group), so each group's members are consecutive
         self._ordered = [self.layers[i] for group in _plan(self.layers) for i in group.members]
         self._groups = _plan(self._ordered)
         assert [i for group in self._groups for i in group.members] == list(range(len(self._ordered)))
-        self._n_weights = sum(int(layer.weight.numel()) for layer in self.layers)
+        self._n_weights = sum(int(layer.channel_weight.numel()) for layer in self.layers)
         self._plan: _Plan | None = None
         self._step_bpw: Tensor | None = None  # the bits-per-weight term of the current step
 
@@ -339,9 +347,10 @@ class FusedQuantizer:
     def _quantize_ordered(self) -> tuple[Tensor, list[Tensor]]:
         """:meth:`quantize_all` with the weights in channel-vector order (``self._ordered``)."""
         layers = self._ordered
-        plan = self._plan_on(layers[0].weight.device)
+        weights = [m.channel_weight for m in layers]
+        plan = self._plan_on(weights[0].device)
         params = [m._parameters for m in layers]  # type: ignore[attr-defined]  # skips nn.Module.__getattr__
-        tensors = [p["bits"] for p in params] + [p["exponent"] for p in params] + [p["weight"] for p in params]
+        tensors = [p["bits"] for p in params] + [p["exponent"] for p in params] + weights
         bpw, *quantized = _FusedQuantize.apply(plan, *tensors)
         return bpw, quantized
 
@@ -351,13 +360,18 @@ class FusedQuantizer:
         ``quantized_weight()`` returns the result of one shared :meth:`quantize_all`. A layer whose ``weight``,
         ``bits``, ``exponent`` or ``pruned`` is changed in place inside the block falls back to its own quantizer."""
         layers = self._ordered
-        devices = {m._parameters["weight"].device for m in layers}  # type: ignore[attr-defined]
+        devices = {m.bits.device for m in layers}
         if not layers or not torch.is_grad_enabled() or len(devices) != 1:
             yield self
             return
         self._step_bpw, quantized = self._quantize_ordered()
         try:
-            with modes.fused(self._ordered, quantized):
+            holders, results = list(self._ordered), list(quantized)
+            for layer, q in zip(self._ordered, quantized, strict=True):
+                for follower in self.followers.get(id(layer), ()):
+                    holders.append(follower)
+                    results.append(q)
+            with modes.fused(holders, results):
                 yield self
         finally:
             self._step_bpw = None

@@ -2,8 +2,8 @@
 
 * :func:`fused` (one training step): every twin returns its slice of the step's single fused quantizer pass
   (:class:`~lightning_sgsc.quant.fused.FusedQuantizer`).
-* :func:`weight_probes`: each twin adds a zero tensor to its quantized weight, so a backward pass yields
-  ``dL/dw_q`` per layer (the restore scores of :mod:`lightning_sgsc.feedback`).
+* :func:`weight_probes`: each twin adds a zero tensor to its quantized weight (channels first), so a backward pass
+  yields ``dL/dw_q`` per layer (the restore scores of :mod:`lightning_sgsc.feedback`).
 * :func:`float_weights`: every twin computes with its float weight, unquantized (the distillation term's teacher).
 
 and :func:`couple_norm`: the BatchNorm that reads a twin's output, whose rows pruning zeroes with the channel's.
@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from lightning_sgsc.quant.modules import QuantizedLayer, quantized_layers
+from lightning_sgsc.quant.modules import QuantizedLayer, all_twins, quantized_layers
 
 
 @contextmanager
@@ -41,21 +41,25 @@ def weight_probes(model: nn.Module) -> Iterator[dict[str, Tensor]]:
     the dict yielded maps layer names to those tensors. After a ``loss.backward(inputs=list(probes.values()))``
     their ``.grad`` is ``dL/dw_q``."""
     layers = quantized_layers(model)
-    probes = {name: torch.zeros_like(layer.weight, dtype=torch.float32, requires_grad=True) for name, layer in layers}
+    probes = {
+        name: torch.zeros_like(layer.channel_weight, dtype=torch.float32, requires_grad=True) for name, layer in layers
+    }
+    by_quantizer = {id(layer.bits): probes[name] for name, layer in layers}
+    twins = [twin for _, twin in all_twins(model)]
     try:
-        for name, layer in layers:
-            layer.modes.probe = probes[name]
+        for twin in twins:  # the holders of a tied weight share its probe: its gradient sums both uses
+            twin.modes.probe = by_quantizer[id(twin.bits)]
         yield probes
     finally:
-        for _, layer in layers:
-            layer.modes.probe = None
+        for twin in twins:
+            twin.modes.probe = None
 
 
 @contextmanager
 def float_weights(model: nn.Module) -> Iterator[None]:
     """Within the block every twin of ``model`` computes with its float weight, unquantized: the uncompressed model
     the same Parameters describe (the preservation term's teacher)."""
-    layers = [m for _, m in quantized_layers(model)]
+    layers = [m for _, m in all_twins(model)]
     try:
         for layer in layers:
             layer.modes.float_weight = True

@@ -52,7 +52,7 @@ def test_pattern_given_as_a_string_is_a_type_error():
 
 
 def test_no_quantizable_layer_is_an_error():
-    with pytest.raises(SGSCValueError, match=r"`model` must be a model with at least one Conv1d, Conv2d or Linear"):
+    with pytest.raises(SGSCValueError, match=r"`model` must be a model with at least one layer to quantize.*Supported"):
         quantize_(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)))
     with pytest.raises(SGSCValueError, match=r"Quantizable layers before include/exclude/filter_fn"):
         quantize_(TinyConvNet(), filter_fn=lambda m, fqn: False)
@@ -89,9 +89,24 @@ def test_a_transformer_encoder_layer_computes_with_the_quantized_weights_in_eval
         assert torch.equal(layer(x), baked(x))
 
 
-def test_tied_layers_stay_in_float_with_a_warning():
+def test_tied_weights_get_one_quantizer_shared_by_both_holders():
     net = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10, bias=False))
-    net[2].weight = net[0].weight
-    with pytest.warns(UserWarning, match=r"'2' shares its weight with \['0'\]: left in float \(tied weights\)"):
-        assert quantize_(net) == ["1"]
-    assert net[2].weight is net[0].weight
+    net[2].weight = net[0].weight  # a head tied to the embedding: one row per vocabulary entry in both
+    assert quantize_(net) == ["0", "1", "2"]
+    assert net[2].weight is net[0].weight and net[2].bits is net[0].bits and net[2].pruned is net[0].pruned
+    assert [name for name, _ in quantized_layers(net)] == ["0", "1"]  # the tied weight once
+    x = torch.randint(0, 10, (3, 4))
+    with torch.no_grad():
+        net[0].bits[3] = 0.0  # one vocabulary row at zero bits: gone from the embedding and the head alike
+        out = net(x)
+        assert torch.equal(net[0].quantized_weight()[3], torch.zeros(8))
+        assert torch.equal(net[2].quantized_weight(), net[0].quantized_weight())
+    assert out.shape == (3, 4, 10)
+
+
+def test_holders_that_hold_a_tie_differently_stay_float_with_a_warning():
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3))
+    net[1].weight = net[0].weight
+    with pytest.warns(UserWarning, match=r"'0' shares its weight with \['1'\], which hold it differently or are not"):
+        assert quantize_(net, exclude=["1"]) == ["2"]
+    assert type(net[0]) is nn.Linear and net[1].weight is net[0].weight
