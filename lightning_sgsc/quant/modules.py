@@ -282,7 +282,7 @@ class QuantizedLayer:
         module: nn.Module = self  # type: ignore[assignment]
         name = self.quant_param
         parametrized = parametrize.is_parametrized(module, name)
-        out_cls = self.float_cls.__bases__[0] if bake and parametrized else self.float_cls
+        out_cls: type[nn.Module] = self.float_cls.__bases__[0] if bake and parametrized else self.float_cls
         out = out_cls.__new__(out_cls)
         _copy_module_state(module, out)
         del out._parameters["bits"], out._parameters["exponent"], out._buffers["pruned"]
@@ -349,7 +349,7 @@ def twin_class(float_cls: type[nn.Module], kind: TwinKind) -> type[QuantizedLaye
         "__qualname__": name,
         "__doc__": f"Quantized twin of :class:`{float_cls.__module__}.{float_cls.__qualname__}`.",
     }
-    cls: type = type(name, (QuantizedLayer, float_cls), namespace)  # type: ignore[call-overload]
+    cls: type = type(name, (QuantizedLayer, float_cls), namespace)
     globals()[name] = cls
     _TWIN_CLASSES[float_cls] = cls  # type: ignore[assignment]
     return cls  # type: ignore[return-value]
