@@ -170,7 +170,7 @@ class Losses:
 
 
 PRESERVATION_LOSSES = ("distill", "labels")
-MODALITIES = ("auto", "image", "text")
+MODALITIES = ("auto", "image", "text", "tokens", "dense")
 
 
 @dataclass(frozen=True)
@@ -194,9 +194,12 @@ class Preservation:
         temperature: softmax temperature of the distillation term, > 0.
         recalibrate_norms: recompute BatchNorm statistics on the set before each measurement and after each
             restore.
-        modality: what the model does, for scoring: ``"auto"`` (text when the inputs are integer token ids),
-            ``"image"`` (class logits; Grad-CAM at a Conv2d) or ``"text"`` (next-token logits of token ids).
+        modality: what the model does: ``"auto"`` (read off its inputs and outputs), ``"image"`` (class logits of
+            float inputs), ``"text"`` (class logits of token ids), ``"tokens"`` (next-token logits) or ``"dense"``
+            (per-position class scores, e.g. segmentation).
         target_layer: name of the Grad-CAM layer (``None``: the last Conv2d).
+        output_fn: which tensor of the model's output are its logits, ``output_fn(output) -> Tensor`` (``None``: the
+            ``logits`` of a ``ModelOutput`` or dict, else the first tensor; see :mod:`lightning_sgsc.outputs`).
     """
 
     size: int = 256
@@ -213,6 +216,7 @@ class Preservation:
     recalibrate_norms: bool = True
     modality: str = "auto"
     target_layer: str | None = None
+    output_fn: Any = None
 
     def __post_init__(self) -> None:
         from torch.utils.data import DataLoader, Dataset
@@ -246,6 +250,10 @@ class Preservation:
         check_bool("preservation.recalibrate_norms", self.recalibrate_norms)
         if self.modality not in MODALITIES:
             raise SGSCValueError(describe_rule("preservation.modality", f"one of {MODALITIES}", self.modality))
+        if self.output_fn is not None and not callable(self.output_fn):
+            raise SGSCTypeError(
+                describe_rule("preservation.output_fn", "a function of the output (or None)", self.output_fn)
+            )
         if self.target_layer is not None and not isinstance(self.target_layer, str):
             raise SGSCTypeError(
                 describe_rule("preservation.target_layer", "a module name (or None)", self.target_layer)

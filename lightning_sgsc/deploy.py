@@ -166,20 +166,22 @@ def export_onnx(
     return report
 
 
-def _layer_scales(model: nn.Module) -> dict[str, tuple[Tensor, int, str, bool]]:
-    """Per twin (both holders of a tied weight): each channel's scale ``2^e`` as the quantizer computes it (0 for
-    channels that quantize to zero), its channel axis, the name of its quantized Parameter, and whether it is the
-    second holder of a tied weight."""
-    owners = {id(m) for _, m in quantized_layers(model)}
+def _layer_scales(model: nn.Module) -> dict[str, tuple[Tensor, int, str, list[str]]]:
+    """Per quantized weight (by its first holder's name): each channel's scale ``2^e`` as the quantizer computes it
+    (0 for channels that quantize to zero), its channel axis, the name of its quantized Parameter, and the names of
+    all its holders (two for a tied weight: the exporter keeps one initializer under either name)."""
+    holders: dict[int, list[str]] = {}
+    for name, twin in all_twins(model):
+        holders.setdefault(id(twin.bits), []).append(name)
     with torch.no_grad():
         return {
             name: (
                 torch.where(m.effective_bits() > 0, pow2(m.exponent.float()), 0.0),
                 m.channel_axis,
                 m.quant_param,
-                id(m) not in owners,
+                holders[id(m.bits)],
             )
-            for name, m in all_twins(model)
+            for name, m in quantized_layers(model)
         }
 
 
@@ -231,7 +233,7 @@ def _quantize_initializers(
     onnx: Any,
     proto: Any,
     baked: nn.Module,
-    scales: dict[str, tuple[Tensor, int, str, bool]],
+    scales: dict[str, tuple[Tensor, int, str, list[str]]],
     report: OnnxReport,
     prefix: str = "",
 ) -> None:
@@ -241,11 +243,10 @@ def _quantize_initializers(
     initializers = {init.name: init for init in graph.initializer}
     consumers = {i for node in graph.node for i in node.input}
     new_nodes = []
-    for name, (layer_scales, axis, param, follower) in scales.items():
-        key = f"{prefix}{name}.{param}"
+    for name, (layer_scales, axis, param, holders) in scales.items():
+        keys = [f"{prefix}{holder}.{param}" for holder in holders]  # a tied weight: one initializer, either name
+        key = next((k for k in keys if k in initializers), keys[0])
         init = initializers.get(key)
-        if init is None and follower:  # the tied weight is one initializer, under its first holder's name
-            continue
         if init is None or key not in consumers:
             raise SGSCRuntimeError(
                 describe_rule(f"layer {name!r}", "a weight the exported graph reads as an initializer", "none found")

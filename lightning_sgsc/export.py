@@ -408,7 +408,7 @@ def _plain_skeleton(model: nn.Module, entries: list[dict[str, Any]]) -> None:
         except AttributeError:
             continue
         if parametrize.is_parametrized(module, param):
-            parametrize.remove_parametrizations(module, param, leave_parametrized=False)
+            parametrize.remove_parametrizations(module, param, leave_parametrized=True)  # overwritten by the load
 
 
 def _check_skeleton(model: nn.Module, entries: list[dict[str, Any]]) -> None:

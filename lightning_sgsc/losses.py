@@ -68,3 +68,30 @@ def weighted_sum(terms: dict[str, Tensor], weights: dict[str, float], base: Tens
     if out is None:
         return torch.zeros(())
     return out
+
+
+def classes_first(logits: Tensor, targets: Tensor) -> Tensor:
+    """``logits`` laid out ``(batch, classes, ...)`` against ``targets`` ``(batch, ...)``, whatever the task: class
+    logits ``(batch, classes)``, token logits ``(batch, time, vocab)`` (classes last) or dense scores ``(batch,
+    classes, height, width)`` (classes on axis 1), told apart by the targets' shape.
+
+    Raises:
+        SGSCTypeError: the shapes do not fit any of these.
+    """
+    from lightning_sgsc.errors import SGSCTypeError, describe_rule
+
+    if logits.dim() == targets.dim() + 1:
+        if logits.shape[:-1] == targets.shape:  # classes last
+            return logits if logits.dim() == 2 else logits.movedim(-1, 1)
+        if logits.shape[0] == targets.shape[0] and logits.shape[2:] == targets.shape[1:]:  # classes on axis 1
+            return logits
+    raise SGSCTypeError(
+        describe_rule("model output", f"class scores for targets of shape {tuple(targets.shape)}", tuple(logits.shape))
+        + " Override `preservation_step` and `preservation_evaluate` for other tasks."
+    )
+
+
+def task_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross entropy of ``logits`` against ``targets`` for any of the layouts :func:`classes_first` reads; targets of
+    -1 (padding) do not count."""
+    return F.cross_entropy(classes_first(logits, targets).float(), targets, ignore_index=-1)

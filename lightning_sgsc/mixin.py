@@ -30,10 +30,11 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_sgsc.errors import SGSCRuntimeError, SGSCTypeError, describe_rule
+from lightning_sgsc.losses import classes_first, task_loss
+from lightning_sgsc.outputs import main_output
 
 
 class CompressionHook(Protocol):
@@ -106,36 +107,41 @@ class SafetyGuidedMixin:
     # ---------------------------------------------------------------------------------------------- overridable
 
     def preservation_step(self, batch: Any) -> Tensor:
-        """Label loss on one preservation batch, for ``preservation_loss="labels"`` (default: cross entropy of
-        ``self(x)`` against ``y`` for ``(x, y)``)."""
+        """Label loss on one preservation batch (``preservation.loss="labels"``, and what restores and the metric
+        judge). Default: cross entropy of ``self(x)`` (its main output) against ``y`` for ``(x, y)``: class logits,
+        token logits or dense scores alike (:func:`~lightning_sgsc.losses.task_loss`; targets of -1 do not count)."""
         x, y = batch[0], batch[1]
-        return F.cross_entropy(self(x), y)  # type: ignore[operator]
+        return task_loss(self._sgsc_main(self(x)), y)  # type: ignore[operator]
 
     def preservation_outputs(self, batch: Any) -> Tensor:
-        """The outputs the distillation term compares on one preservation batch, shaped ``(..., classes)`` (default:
-        ``self(x)`` for ``(x, ...)``). Override to drop positions that do not count (padding)."""
-        return self(batch[0])  # type: ignore[operator]
+        """The outputs the distillation term compares on one preservation batch (default: the main output of
+        ``self(x)`` for ``(x, ...)``; classes last, or on axis 1 for dense outputs). Override to drop positions that do
+        not count (padding)."""
+        return self._sgsc_main(self(batch[0]))  # type: ignore[operator]
 
     def preservation_evaluate(self, batches: Iterable[Any]) -> float:
-        """The label metric over the whole set, for ``preservation_loss="labels"`` (default: top-1 accuracy through
-        torchmetrics; its direction is :attr:`preservation_metric_mode`)."""
+        """The metric over the whole set, the feedback loop's signal (default: top-1 accuracy through torchmetrics,
+        over every position whose target is not -1; its direction is :attr:`preservation_metric_mode`)."""
         from torchmetrics.classification import MulticlassAccuracy
 
         metric: MulticlassAccuracy | None = None
         for batch in batches:
             x, y = batch[0], batch[1]
-            logits = self(x)  # type: ignore[operator]
-            if not isinstance(logits, Tensor) or logits.dim() != 2:
-                raise SGSCTypeError(
-                    describe_rule("model output", "class logits of shape (batch, classes)", type(logits))
-                    + " Override `preservation_evaluate` (and `preservation_step`) for other outputs."
-                )
+            logits = classes_first(self._sgsc_main(self(x)), y)  # type: ignore[operator]
             if metric is None:
-                metric = MulticlassAccuracy(num_classes=logits.shape[-1], average="micro").to(logits.device)
+                metric = MulticlassAccuracy(num_classes=logits.shape[1], average="micro", ignore_index=-1)
+                metric = metric.to(logits.device)
             metric.update(logits, y)
         if metric is None:
             raise SGSCRuntimeError("The preservation set is empty: no batch to evaluate.")
         return float(metric.compute())
+
+    def _sgsc_main(self, output: Any) -> Tensor:
+        """The tensor of a model output the terms work with (:mod:`lightning_sgsc.outputs`; the callback's
+        ``preservation.output_fn`` when set)."""
+        hook = self._sgsc_callback()
+        settings = getattr(hook, "settings", None)
+        return main_output(output, settings.preservation.output_fn if settings is not None else None)
 
     # ----------------------------------------------------------------------------------------------- the terms
 

@@ -40,7 +40,9 @@ from lightning_sgsc.errors import SGSCValueError, describe_rule
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 """The configs ship inside the package (``conf/`` at the top of a checkout links here)."""
 
-_NOT_IN_YAML = frozenset({"preservation_data", "data", "source"})  # datasets: given in Python, not in a config
+_NOT_IN_YAML = frozenset(
+    {"preservation_data", "data", "source", "output_fn"}
+)  # datasets: given in Python, not in a config
 
 
 def _yaml_type(hint: Any) -> Any:

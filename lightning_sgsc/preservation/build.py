@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_sgsc.errors import SGSCTypeError, SGSCValueError, describe_rule
+from lightning_sgsc.outputs import OutputFn
 from lightning_sgsc.preservation.scoring import STRATEGIES, Strategy, Uncertainty, score_pool
 from lightning_sgsc.preservation.set import PreservationSet
 
@@ -54,6 +55,7 @@ def build_preservation_set(
     pool_size: int | None = None,
     progress: bool = False,
     modality: str = "auto",
+    output_fn: OutputFn | None = None,
 ) -> PreservationSet:
     """Scores candidates from ``data`` and returns the ``size`` that matter most.
 
@@ -71,8 +73,9 @@ def build_preservation_set(
         uncertainty: ``"margin"`` or ``"entropy"``.
         pool_size: score only this many candidates, drawn at random (seeded); default: all.
         progress: show a progress bar while scoring.
-        modality: ``"image"``, ``"text"`` or ``"auto"`` (text when the inputs are integer token ids); see
-            :func:`~lightning_sgsc.preservation.scoring.score_pool`.
+        modality: ``"auto"`` (read off the inputs and outputs) or one of ``"image"``, ``"text"``, ``"tokens"``,
+            ``"dense"`` (see :mod:`~lightning_sgsc.preservation.scoring`).
+        output_fn: which tensor of the model's output are the logits (default: :mod:`lightning_sgsc.outputs`).
 
     Returns:
         The set, with the source indices, each strategy's scores and which strategy chose each example.
@@ -106,10 +109,12 @@ def build_preservation_set(
         progress=progress,
         total=len(loader),
         modality=modality,
+        output_fn=output_fn,
     )
     cap = None
-    if balance_classes and scores.modality == "text":
-        raise SGSCValueError(describe_rule("balance_classes", "False for text (sequences have no class)", True))
+    if balance_classes and scores.modality in ("tokens", "dense"):
+        rule = f"False for {scores.modality} outputs (an example has no single class)"
+        raise SGSCValueError(describe_rule("balance_classes", rule, True))
     if balance_classes:
         classes = int(scores.targets.max()) + 1
         cap = {c: math.ceil(size / classes) for c in range(classes)}

@@ -30,18 +30,22 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.collate import default_collate
 
 from lightning_sgsc.config import Preservation, check_enum
 from lightning_sgsc.errors import SGSCValueError, describe_rule
 from lightning_sgsc.feedback import taylor_restore_scores
 from lightning_sgsc.losses import distillation_loss
 from lightning_sgsc.norms import eval_mode, link_norms_, recalibrate_norms_
+from lightning_sgsc.outputs import main_output
 from lightning_sgsc.preservation.build import DEFAULT_FRACTIONS, build_preservation_set, check_fractions
+from lightning_sgsc.preservation.scoring import infer_modality, usable_fractions
 from lightning_sgsc.preservation.set import PreservationSampler, PreservationSet
 from lightning_sgsc.quant.modes import float_weights
 from lightning_sgsc.signal import Direction, binomial_noise
@@ -68,6 +72,7 @@ class PreservationManager:
         self.fractions = check_fractions(DEFAULT_FRACTIONS if settings.fractions is None else settings.fractions)
         self.noise = 0.0  # what the last metric could move by from its sample alone (accuracy: binomial)
         self.set: PreservationSet | None = None
+        self.modality: str | None = None  # what the model does (preservation.scoring.MODALITIES), read at the start
         self.indices: list[int] | None = None  # positions in the training dataset of a set built from it
         self.chosen_by: list[str] = []
         self._sampler: PreservationSampler | None = None
@@ -93,6 +98,8 @@ class PreservationManager:
     def start(self, trainer: Any, pl_module: Any) -> None:
         """At the start of a fit's training (data loaders ready): use the user's data, or rebuild a resumed set."""
         self._train_batch_size = None  # this fit's loader may batch differently from the last one's
+        if self.data is None and self.size > 0 and self.indices is None:
+            self._plan_scoring(trainer, pl_module)
         if isinstance(self.data, PreservationSet):
             self._use(self.data, pl_module)
         elif self.data is not None:
@@ -103,6 +110,36 @@ class PreservationManager:
                 pset = PreservationSet.from_data(dataset, self.indices)
                 pset.chosen_by = list(self.chosen_by)
                 self._use(pset, pl_module)
+
+    def _plan_scoring(self, trainer: Any, pl_module: Any) -> None:
+        """Before the first epoch: what the model does (its modality, from two training examples and its outputs),
+        and which strategies it can serve; one warning names what is dropped, so nothing fails an epoch later."""
+        dataset = self._dataset(trainer)
+        if dataset is None or len(dataset) == 0:
+            return
+        batch = default_collate([dataset[i] for i in range(min(2, len(dataset)))])
+        batch = apply_to_collection(batch, Tensor, lambda t: t.to(pl_module.device))
+        self._modality_of(pl_module, batch)
+        assert self.modality is not None
+        usable, dropped = usable_fractions(pl_module, self.fractions, self.modality, self.settings.target_layer)
+        if dropped:
+            reasons = "; ".join(f"{k!r}: {why}" for k, why in dropped.items())
+            rank_zero_warn(
+                f"[sgsc] preservation strategies dropped ({reasons}); the set is chosen by {usable}."
+                " Set `Preservation(fractions=...)` to choose yourself."
+            )
+        self.fractions = usable
+
+    def _modality_of(self, pl_module: Any, batch: Any) -> str:
+        """The task's modality: the setting, or read once off a batch and the model's outputs on it."""
+        if self.modality is None:
+            if self.settings.modality != "auto":
+                self.modality = self.settings.modality
+            else:
+                with torch.inference_mode(False), torch.no_grad(), eval_mode(pl_module):
+                    out = main_output(pl_module(batch[0]), self.settings.output_fn)
+                self.modality = infer_modality(batch[0], out, batch[1] if len(batch) > 1 else None)
+        return self.modality
 
     def maybe_build(self, trainer: Any, pl_module: Any) -> None:
         """Scores and chooses the set from the training data once ``warmup_epochs`` are done (rank 0 scores, every
@@ -153,7 +190,8 @@ class PreservationManager:
             seed=self.seed,
             pool_size=self.settings.pool,
             target_layer=self.settings.target_layer,
-            modality=self.settings.modality,
+            modality=self.modality or self.settings.modality,
+            output_fn=self.settings.output_fn,
             progress=trainer.progress_bar_callback is not None,
         )
 
@@ -161,6 +199,7 @@ class PreservationManager:
         pset = pset.to(pl_module.device)
         first = pset.batch(torch.arange(min(2, len(pset))))
         try:  # one forward: checks the set fits the model, and shows which BatchNorm reads which twin
+            self._modality_of(pl_module, first)
             link_norms_(pl_module, lambda: self._check_forward(pl_module, first))
         except Exception as err:
             hook = "preservation_outputs" if self.loss == "distill" else "preservation_step"
@@ -216,8 +255,13 @@ class PreservationManager:
         if self.loss == "labels":
             return pl_module.preservation_step(batch)
         with torch.no_grad(), float_weights(pl_module):
-            teacher = pl_module.preservation_outputs(batch)
-        return distillation_loss(pl_module.preservation_outputs(batch), teacher, self.settings.temperature)
+            teacher = self._classes_last(pl_module.preservation_outputs(batch))
+        student = self._classes_last(pl_module.preservation_outputs(batch))
+        return distillation_loss(student, teacher, self.settings.temperature)
+
+    def _classes_last(self, outputs: Tensor) -> Tensor:
+        """Dense outputs carry their classes on axis 1; the distillation term compares the last axis."""
+        return outputs.movedim(1, -1) if self.modality == "dense" else outputs
 
     @staticmethod
     def direction(pl_module: Any) -> Direction:

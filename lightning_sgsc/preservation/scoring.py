@@ -1,18 +1,26 @@
-"""Scoring candidate examples for the preservation set: one batched pass, three signals.
+"""Scoring candidate examples for the preservation set: one batched pass, three signals, for any task shape.
 
-Images (class logits):
+What the model does (the *modality*) is read off its inputs and outputs (:func:`infer_modality`), or given:
 
-* ``gradcam``: mean Grad-CAM intensity (pytorch-grad-cam's ``GradCAM``, raw: without its per-image min-max
-  scaling, so intensities compare across examples) at a target layer (default: the last Conv2d); high first.
-* ``uncertainty``: ``1 - (p_top1 - p_top2)`` (margin) or the softmax entropy; the least certain first.
-* ``kmeans``: not a score but a choice: k-means on penultimate embeddings (the input of the last Linear), the example
-  nearest each centroid.
+* ``image``: float inputs, class logits ``(batch, classes)``. ``gradcam`` is the mean Grad-CAM intensity
+  (pytorch-grad-cam's ``GradCAM``, raw: without its per-image min-max scaling, so intensities compare across
+  examples) at a target layer (default: the last Conv2d); ``uncertainty`` is ``1 - (p_top1 - p_top2)`` (margin) or
+  the softmax entropy.
+* ``text``: token ids in, class logits out (a BERT classifier). ``gradcam`` is the gradient × input saliency on the
+  token embeddings (the first ``nn.Embedding``) of the predicted class's score; ``uncertainty`` the margin.
+* ``tokens``: token ids in, next-token logits ``(batch, time, vocab)`` out. ``uncertainty`` is the per-sequence loss,
+  ``gradcam`` the gradient × input saliency of that loss on the token embeddings.
+* ``dense``: float inputs, per-position class scores ``(batch, classes, ...)`` (segmentation). ``uncertainty`` is the
+  mean margin over positions; there is no Grad-CAM.
 
-Text (token ids in, next-token logits out): ``uncertainty`` is the per-sequence loss, ``gradcam`` is the
-gradient × input saliency on the token embeddings (the first ``nn.Embedding``), ``kmeans`` runs on mean hidden states.
+``kmeans`` is a choice rather than a score everywhere: k-means on penultimate embeddings (the input of the last
+Linear, else of the last convolution, averaged over positions), the example nearest each centroid. A strategy the
+model cannot serve (Grad-CAM without a Conv2d, saliency without an Embedding, Grad-CAM on dense outputs) is dropped
+by :func:`usable_fractions`, its share given to the others, with one warning. Model outputs are reduced to one
+tensor by :mod:`lightning_sgsc.outputs` (``logits`` of a ``ModelOutput``).
 
-The pass runs every batch through the model once forward and once backward (for Grad-CAM), batched; the logits of
-that same forward give the uncertainty, a hook on the last Linear gives the embeddings.
+The pass runs every batch through the model once forward and, for the attention score, once backward; the logits of
+that same forward give the uncertainty, a hook gives the embeddings.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_sgsc.errors import SGSCTypeError, SGSCValueError, describe_rule
+from lightning_sgsc.outputs import MainOutput, OutputFn, main_output
 
 
 @dataclass
@@ -97,9 +106,11 @@ class Uncertainty(Strategy):
         self.kind = kind
 
     def scores(self, pool: PoolScores) -> Tensor:
-        if pool.modality == "text":
+        if pool.modality == "tokens":
             assert pool.loss is not None
             return pool.loss  # per-sequence loss: the least predictable sequences first
+        if pool.modality == "dense":
+            return uncertainty_scores(pool.logits.movedim(1, -1), self.kind).flatten(1).mean(1)
         return uncertainty_scores(pool.logits, self.kind)
 
 
@@ -154,7 +165,7 @@ def uncertainty_scores(logits: Tensor, kind: str = "margin") -> Tensor:
     if kind == "entropy":
         return -(p * p.clamp_min(1e-12).log()).sum(-1)
     top2 = p.topk(2, dim=-1).values
-    return 1.0 - (top2[:, 0] - top2[:, 1])
+    return 1.0 - (top2[..., 0] - top2[..., 1])
 
 
 def kmeans_representatives(embeddings: Tensor, k: int, seed: int) -> list[int]:
@@ -186,6 +197,46 @@ def kmeans_representatives(embeddings: Tensor, k: int, seed: int) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------------- the pass
 
+MODALITIES = ("image", "text", "tokens", "dense")
+
+
+def infer_modality(inputs: Tensor, logits: Tensor, targets: Tensor | None = None) -> str:
+    """What a model does, from one batch: integer inputs are token ids (``tokens`` when the outputs have a time axis
+    matching the inputs', else ``text``); float inputs give ``image`` for ``(batch, classes)`` outputs, else
+    ``dense``."""
+    if not torch.is_floating_point(inputs):
+        per_token = logits.dim() == 3 and logits.shape[:2] == inputs.shape[:2]
+        return "tokens" if per_token or (targets is not None and targets.dim() == 2 and logits.dim() == 3) else "text"
+    return "image" if logits.dim() == 2 else "dense"
+
+
+def attention_layer(model: nn.Module, modality: str, target_layer: str | None = None) -> tuple[str, nn.Module] | None:
+    """Where the attention score is taken: the Grad-CAM layer (a Conv2d) for images, the token embeddings for text;
+    ``None`` when the model has none (or, for dense outputs, always)."""
+    if modality == "dense":
+        return None
+    kind: type[nn.Module] = nn.Conv2d if modality == "image" else nn.Embedding
+    return find_layer(model, target_layer, kind, "target_layer", first=modality != "image")
+
+
+def usable_fractions(
+    model: nn.Module, fractions: dict[str, float], modality: str, target_layer: str | None = None
+) -> tuple[dict[str, float], dict[str, str]]:
+    """``fractions`` without the strategies the model cannot serve, their shares spread over the rest; and why each
+    was dropped (``{}``: none)."""
+    dropped: dict[str, str] = {}
+    if fractions.get("gradcam", 0) > 0 and attention_layer(model, modality, target_layer) is None:
+        dropped["gradcam"] = (
+            "Grad-CAM has no class score on dense outputs"
+            if modality == "dense"
+            else f"the model has no {'Conv2d' if modality == 'image' else 'Embedding'} layer for the attention score"
+        )
+    kept = {k: v for k, v in fractions.items() if k not in dropped and v > 0}
+    if not kept:
+        kept = {"uncertainty": 0.5, "kmeans": 0.5}
+    total = sum(kept.values())
+    return {k: v / total for k, v in kept.items()}, dropped
+
 
 def find_layer(
     model: nn.Module, name: str | None, kind: type[nn.Module], arg: str, first: bool = False
@@ -202,6 +253,20 @@ def find_layer(
         return name, modules[name]
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]
     return (found[0] if first else found[-1]) if found else None
+
+
+def _embedding_layer(model: nn.Module) -> tuple[str, nn.Module]:
+    """The layer whose input is the penultimate embedding: the last Linear, else the last convolution."""
+    found = find_layer(model, None, nn.Linear, "embedding layer") or find_layer(
+        model, None, nn.modules.conv._ConvNd, "embedding layer"
+    )
+    if found is None:
+        raise SGSCTypeError(
+            describe_rule(
+                "model", "a model with a Linear or convolutional layer before its outputs", type(model).__name__
+            )
+        )
+    return found
 
 
 def _raw_gradcam_class() -> type:
@@ -224,6 +289,76 @@ def _raw_gradcam_class() -> type:
     return RawGradCAM
 
 
+class _Capture:
+    """Hooks for one scoring pass: the penultimate embeddings, and (for the attention score) the attention layer's
+    output as a leaf that requires grad, handed on as a copy so in-place operations after the layer
+    (``Hardswish(inplace=True)``) change neither the leaf nor what Grad-CAM saved of it."""
+
+    def __init__(self, model: nn.Module, attention: tuple[str, nn.Module] | None) -> None:
+        self.embeddings: list[Tensor] = []
+        self.leaves: list[Tensor] = []
+        self.hooks = [_embedding_layer(model)[1].register_forward_hook(self._keep_embedding)]
+        self.attention = attention
+        if attention is not None:
+            self.hooks.append(attention[1].register_forward_hook(self._make_leaf))
+
+    def hand_on_copies(self) -> None:
+        """Registered after Grad-CAM's own hooks, so Grad-CAM sees the leaf and the layers after see a copy."""
+        if self.attention is not None:
+            self.hooks.append(self.attention[1].register_forward_hook(lambda m, i, o: o.clone()))
+
+    def _keep_embedding(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        h = inputs[0].detach()
+        pooled = (
+            h.mean(1) if h.dim() == 3 and isinstance(module, nn.Linear) else h.flatten(2).mean(-1) if h.dim() > 2 else h
+        )
+        self.embeddings.append(pooled.float().cpu())
+
+    def _make_leaf(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        leaf = output.detach().requires_grad_(True)
+        self.leaves.append(leaf)
+        return leaf
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def _score_image_batch(
+    model: nn.Module, cam: Any, x: Tensor, output_fn: OutputFn | None
+) -> tuple[Tensor, Tensor | None]:
+    if cam is None:
+        with torch.no_grad():
+            return main_output(model(x), output_fn), None
+    with torch.enable_grad():
+        maps = cam(input_tensor=x, targets=None)
+    logits = cam.outputs.detach()  # the model's main output: Grad-CAM runs a MainOutput wrapper
+    return logits, torch.from_numpy(maps.reshape(maps.shape[0], -1).mean(1)).float()
+
+
+def _score_text_batch(
+    model: nn.Module, capture: _Capture, x: Tensor, y: Tensor, modality: str, output_fn: OutputFn | None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Logits, the saliency (gradient × input on the token embeddings) and, for ``tokens``, the per-sequence loss."""
+    with torch.enable_grad():
+        logits = main_output(model(x), output_fn)
+        if modality == "tokens":
+            _check_logits(logits, 3, "token logits of shape (batch, time, vocab)")
+            per_token = F.cross_entropy(logits.transpose(1, 2).float(), y, reduction="none", ignore_index=-1)
+            valid = (y != -1).float()  # -1 marks padding
+            objective = per_token.mul(valid).sum(1) / valid.sum(1).clamp_min(1.0)
+        else:
+            _check_logits(logits, 2, "class logits of shape (batch, classes)")
+            objective = logits.float().max(-1).values  # the predicted class's score
+        saliency = None
+        if capture.leaves:
+            objective.sum().backward()
+            e = capture.leaves[-1]
+            assert e.grad is not None  # a leaf the objective depends on
+            saliency = (e.grad * e).abs().sum(-1).mean(-1).detach().float().cpu()
+    return logits.detach(), saliency, objective.detach().cpu() if modality == "tokens" else None
+
+
 def score_pool(
     model: nn.Module,
     batches: Iterable[Any],
@@ -232,104 +367,76 @@ def score_pool(
     progress: bool = False,
     total: int | None = None,
     modality: str = "auto",
+    output_fn: OutputFn | None = None,
 ) -> PoolScores:
     """Runs the scoring pass over ``batches`` of ``(inputs, targets)``.
 
-    ``modality``: ``"image"`` (class logits ``(B, C)``; Grad-CAM at a Conv2d), ``"text"`` (token ids in, logits
-    ``(B, T, V)`` against next tokens ``(B, T)``; per-sequence loss for uncertainty, gradient × input on the token
-    embeddings in Grad-CAM's place, mean hidden states for k-means) or ``"auto"`` (text when the inputs are integer
-    token ids).
+    Args:
+        model: the model to score with (eval mode during the pass; its parameters get no gradient).
+        batches: ``(inputs, targets)`` pairs.
+        target_layer: the attention score's layer (default: the last Conv2d, or the first Embedding for text).
+        with_gradcam: compute the attention score.
+        progress, total: a progress bar over ``total`` batches.
+        modality: ``"auto"`` (:func:`infer_modality` on the first batch) or one of :data:`MODALITIES`.
+        output_fn: which tensor of the model's output are the logits (default: :mod:`lightning_sgsc.outputs`).
     """
     from tqdm.auto import tqdm
 
-    if modality not in ("auto", "image", "text"):
-        raise SGSCValueError(describe_rule("modality", "'auto', 'image' or 'text'", modality))
+    if modality not in ("auto", *MODALITIES):
+        raise SGSCValueError(describe_rule("modality", f"'auto' or one of {MODALITIES}", modality))
     iterator = iter(batches)
     try:
         first = next(iterator)
     except StopIteration:
         raise SGSCValueError(describe_rule("data", "a non-empty Dataset or DataLoader", "no batches")) from None
     if modality == "auto":
-        modality = "text" if not torch.is_floating_point(first[0]) else "image"
-    head = find_layer(model, None, nn.Linear, "embedding layer")
-    if head is None:
-        raise SGSCTypeError(
-            describe_rule("model", "a classifier whose last Linear layer gives the logits", type(model).__name__)
-        )
-    kind: type[nn.Module] = nn.Embedding if modality == "text" else nn.Conv2d
-    attention = (
-        find_layer(model, target_layer, kind, "target_layer", first=modality == "text") if with_gradcam else None
-    )
+        with torch.no_grad():
+            modality = infer_modality(first[0], main_output(model(first[0][:2]), output_fn), first[1])
+    attention = attention_layer(model, modality, target_layer) if with_gradcam else None
     if with_gradcam and attention is None:
+        _, dropped = usable_fractions(model, {"gradcam": 1.0}, modality, target_layer)
         raise SGSCValueError(
-            describe_rule("target_layer", f"a {kind.__name__} layer for the attention score (the model has none)", None)
-            + " Set the 'gradcam' fraction to 0."
+            describe_rule("preservation.fractions", "shares the model can serve", {"gradcam": 1.0})
+            + f" {dropped.get('gradcam', 'no attention layer')}: give 'gradcam' no share."
         )
-    captured: list[Tensor] = []
-
-    def keep_embedding(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        h = inputs[0].detach()
-        captured.append((h.mean(1) if h.dim() == 3 else h.flatten(1)).float().cpu())
-
-    hooks = [head[1].register_forward_hook(keep_embedding)]
-    leaves: list[Tensor] = []
-
-    def make_leaf(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-        leaf = output.detach().requires_grad_(True)
-        leaves.append(leaf)
-        return leaf
-
-    logits_all, targets_all, emb_all, attn_all, loss_all = [], [], [], [], []
+    logits_all, targets_all, attn_all, loss_all = [], [], [], []
     was_training = model.training
     model.eval()
     # The attention score needs d(output)/d(one activation) only: start the graph at that layer's output (a leaf that
     # requires grad) and freeze every parameter, so backward touches no weight and nothing below that layer.
     requires = {p: p.requires_grad for p in model.parameters()}
+    capture = _Capture(model, attention)
+    cam = None
     if attention is not None:
-        hooks.append(attention[1].register_forward_hook(make_leaf))
         for p in requires:
             p.requires_grad_(False)
-    cam = _raw_gradcam_class()(model=model, target_layers=[attention[1]]) if attention and modality == "image" else None
+        if modality == "image":
+            cam = _raw_gradcam_class()(model=MainOutput(model, output_fn), target_layers=[attention[1]])
+    capture.hand_on_copies()
     try:
         for batch in tqdm(
-            itertools.chain([first], iterator),
-            desc="[sgsc] scoring preservation candidates",
-            disable=not progress,
+            itertools.chain([first], iterator), desc="[sgsc] scoring preservation candidates", disable=not progress,
             total=total,
-        ):
+        ):  # fmt: skip
             x, y = batch[0], batch[1]
-            captured.clear()
-            leaves.clear()
-            if modality == "image":
-                if cam is not None:
-                    with torch.enable_grad():
-                        maps = cam(input_tensor=x, targets=None)
-                    logits = cam.outputs.detach()
-                    attn_all.append(torch.from_numpy(maps.reshape(maps.shape[0], -1).mean(1)).float())
-                else:
-                    with torch.no_grad():
-                        logits = model(x)
-                _check_logits(logits, 2, "class logits of shape (batch, classes)")
+            capture.leaves.clear()
+            if modality in ("image", "dense"):
+                logits, attn = _score_image_batch(model, cam, x, output_fn)
+                if modality == "image":
+                    _check_logits(logits, 2, "class logits of shape (batch, classes)")
+                elif logits.dim() < 3 or logits.shape[1] < 2:
+                    _check_logits(logits, -1, "per-position class scores of shape (batch, classes >= 2, ...)")
+                loss = None
             else:
-                with torch.enable_grad():
-                    logits = model(x)
-                    _check_logits(logits, 3, "token logits of shape (batch, time, vocab)")
-                    per_token = F.cross_entropy(logits.transpose(1, 2).float(), y, reduction="none", ignore_index=-1)
-                    valid = (y != -1).float()  # -1 marks padding
-                    per_seq = (per_token * valid).sum(1) / valid.sum(1).clamp_min(1.0)
-                    if leaves:
-                        per_seq.sum().backward()
-                        e = leaves[0]
-                        assert e.grad is not None  # a leaf the loss depends on
-                        attn_all.append((e.grad * e).abs().sum(-1).mean(-1).detach().float().cpu())
-                loss_all.append(per_seq.detach().cpu())
-                logits = logits.detach()
+                logits, attn, loss = _score_text_batch(model, capture, x, y, modality, output_fn)
             logits_all.append(logits.float().cpu())
             targets_all.append(y.cpu())
-            emb_all.append(captured[-1])
+            if attn is not None:
+                attn_all.append(attn)
+            if loss is not None:
+                loss_all.append(loss)
     finally:
-        for h in hooks:
-            h.remove()
+        capture.remove()
         for p, flag in requires.items():
             p.requires_grad_(flag)
         if cam is not None:
@@ -339,7 +446,7 @@ def score_pool(
     return PoolScores(
         logits=torch.cat(logits_all),
         targets=torch.cat(targets_all),
-        embeddings=torch.cat(emb_all),
+        embeddings=torch.cat(capture.embeddings),
         gradcam=torch.cat(attn_all) if attn_all else None,
         loss=torch.cat(loss_all) if loss_all else None,
         modality=modality,
@@ -348,4 +455,7 @@ def score_pool(
 
 def _check_logits(logits: Any, dim: int, rule: str) -> None:
     if not isinstance(logits, Tensor) or logits.dim() != dim:
-        raise SGSCTypeError(describe_rule("model output", rule, getattr(logits, "shape", type(logits))))
+        raise SGSCTypeError(
+            describe_rule("model output", rule, getattr(logits, "shape", type(logits)))
+            + " Set `preservation.modality` if the task was misread, or pass `output_fn`."
+        )

@@ -143,9 +143,11 @@ def test_model_without_logits_and_empty_data():
             return self.fc(x).unsqueeze(1)  # (batch, 1, 4): not class logits
 
     data = TensorDataset(torch.randn(20, 10), torch.zeros(20).long())
-    with pytest.raises(SGSCTypeError, match=r"`model output` must be class logits of shape \(batch, classes\)"):
+    with pytest.raises(SGSCTypeError, match=r"`model output` must be per-position class scores of shape .*modality"):
         build_preservation_set(Embedder(), data, 5, fractions={"uncertainty": 1.0})
-    with pytest.raises(SGSCValueError, match=r"`target_layer` must be a Conv2d layer for the attention score"):
+    with pytest.raises(SGSCTypeError, match=r"`model output` must be class logits of shape \(batch, classes\)"):
+        build_preservation_set(Embedder(), data, 5, fractions={"uncertainty": 1.0}, modality="image")
+    with pytest.raises(SGSCValueError, match=r"the model has no Conv2d layer for the attention score: give 'gradcam'"):
         build_preservation_set(TinyMLP(), data, 5)
     empty = TensorDataset(torch.zeros(0, 10), torch.zeros(0).long())
     with pytest.raises(SGSCValueError, match=r"`data` must be a non-empty Dataset or DataLoader"):
@@ -190,7 +192,7 @@ def test_text_saliency_and_kmeans_beat_random(trained_lm):
     div = build_preservation_set(model, data, 20, fractions={"kmeans": 1.0})
     spread = [torch.pdist(score_pool(model, [s.data], with_gradcam=False).embeddings).mean() for s in (div, rand)]
     assert spread[0] > spread[1]
-    with pytest.raises(SGSCValueError, match=r"`balance_classes` must be False for text"):
+    with pytest.raises(SGSCValueError, match=r"`balance_classes` must be False for tokens outputs"):
         build_preservation_set(model, data, 10, balance_classes=True)
 
 
