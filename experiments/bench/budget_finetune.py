@@ -2,10 +2,12 @@
 
     OMP_NUM_THREADS=1 python experiments/bench/budget_finetune.py --task fashion_cnn --seed 0 --max-drop 0.003,0.01,0.03
     OMP_NUM_THREADS=1 python experiments/bench/budget_finetune.py --task names_transformer --seed 0 --max-drop 0.02
+    OMP_NUM_THREADS=1 python experiments/bench/budget_finetune.py --task names_gpt2 --seed 0 --max-drop 0.02
 
 A float model trains ``--steps`` steps with the experiment's setup (``fashion_cnn``: FashionCNN, batch 64, AdamW 1e-3,
 validation every 1,000 steps, budget on ``val/acc``; ``names_transformer``: CharTransformer, batch 16, AdamW 1e-3 with
-weight decay 0.01, validation every 500 steps, budget on ``val/loss``, mode min). Its validation value is the
+weight decay 0.01, validation every 500 steps, budget on ``val/loss``, mode min; ``names_gpt2``: the same with
+transformers' GPT2LMHeadModel at that size, 4 layers, 4 heads, n_embd 64, its head tied to the embedding). Its validation value is the
 budget's reference. For each ``--max-drop`` a copy of it is then fine-tuned for ``--steps`` more steps under that
 budget, no preservation set, the last quarter a cool-down (the demo's budget). The test split is read once per model,
 at the end. Fashion needs ``apt-get install -y dataset-fashion-mnist``; names reads ``../shared/data/names.txt``.
@@ -36,6 +38,7 @@ from lightning_sgsc.examples import (
     IDXImageDataModule,
     LanguageModule,
     NamesDataModule,
+    gpt2_lm,
 )
 from lightning_sgsc.examples.training import quiet_trainer
 from lightning_sgsc.export import export_compressed
@@ -52,6 +55,13 @@ TASKS: dict[str, dict[str, Any]] = {
     "names_transformer": dict(
         data=lambda seed: NamesDataModule(path="../shared/data/names.txt", block_size=32, batch_size=16, seed=seed),
         module=lambda: LanguageModule(CharTransformer(), lr=1e-3, weight_decay=0.01),
+        every=500,
+        metric="loss",
+        mode="min",
+    ),
+    "names_gpt2": dict(  # transformers' GPT2LMHeadModel, 4 layers, 4 heads, n_embd 64, tied head
+        data=lambda seed: NamesDataModule(path="../shared/data/names.txt", block_size=32, batch_size=16, seed=seed),
+        module=lambda: LanguageModule(gpt2_lm(), lr=1e-3, weight_decay=0.01),
         every=500,
         metric="loss",
         mode="min",

@@ -7,6 +7,7 @@ from lightning_sgsc.examples.models import (
     DigitsCNN,
     FashionCNN,
     LanguageModule,
+    gpt2_lm,
 )
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "LanguageModule",
     "MNIST10kDataModule",
     "NamesDataModule",
+    "gpt2_lm",
 ]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_sgsc.config import check_int
+from lightning_sgsc.outputs import main_output
 from lightning_sgsc.mixin import SafetyGuidedMixin
 
 
@@ -150,8 +151,25 @@ class _Block(nn.Module):
         return x + self.out(F.gelu(self.fc(self.ln2(x))))
 
 
+def gpt2_lm(
+    vocab_size: int = 27, block_size: int = 32, n_embd: int = 64, n_head: int = 4, n_layer: int = 4
+) -> nn.Module:
+    """transformers' ``GPT2LMHeadModel`` at the character transformer's size (its head tied to the token embedding,
+    its projections transformers' ``Conv1D``), built from a config: nothing is downloaded. Needs ``transformers``."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError as err:  # pragma: no cover - the test extra installs it
+        raise ImportError("gpt2_lm needs transformers: pip install transformers") from err
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd, n_head=n_head, n_layer=n_layer,
+        bos_token_id=0, eos_token_id=0, tie_word_embeddings=True,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config)
+
+
 class LanguageModule(SafetyGuidedMixin, pl.LightningModule):
-    """Next-character language model around :class:`CharTransformer`; the preservation metric is the loss.
+    """Next-character language model around :class:`CharTransformer` (or any model returning next-token logits, a
+    transformers ``ModelOutput`` included); the preservation metric is the loss.
 
     Args:
         net: the transformer.
@@ -168,7 +186,7 @@ class LanguageModule(SafetyGuidedMixin, pl.LightningModule):
         self.weight_decay = weight_decay
 
     def forward(self, idx: Tensor) -> Tensor:
-        return self.net(idx)
+        return main_output(self.net(idx))  # a transformers model's ModelOutput: its logits
 
     def _loss(self, batch: Any) -> Tensor:
         x, y = batch
