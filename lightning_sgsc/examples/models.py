@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_sgsc.config import check_int
-from lightning_sgsc.outputs import main_output
 from lightning_sgsc.mixin import SafetyGuidedMixin
+from lightning_sgsc.outputs import main_output
 
 
 class DigitsCNN(nn.Module):
