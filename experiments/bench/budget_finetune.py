@@ -9,11 +9,11 @@ validation every 1,000 steps, budget on ``val/acc``; ``names_transformer``: Char
 weight decay 0.01, validation every 500 steps, budget on ``val/loss``, mode min; ``names_gpt2``: the same with
 transformers' GPT2LMHeadModel at that size, 4 layers, 4 heads, n_embd 64, its head tied to the embedding). Its
 validation value is the budget's reference. For each ``--max-drop`` a copy of it is then fine-tuned for ``--steps``
-more steps under that budget, no preservation set, the last quarter a cool-down (the demo's budget). The test split is read once per model,
-at the end. Fashion needs ``apt-get install -y dataset-fashion-mnist``; names reads ``../shared/data/names.txt``.
-``--max-drop fixed`` fine-tunes the same copy under the fixed penalty instead (``bit_weight`` 0.5, no budget), and
-``float`` without compression (the float model trained as long as the fine-tunes): the comparisons. One line per
-model, and one JSON file per budget in ``--out`` (when given).
+more steps under that budget, no preservation set, the last quarter a cool-down (the demo's budget). The test split is
+read once per model, at the end. Fashion needs ``apt-get install -y dataset-fashion-mnist``; names reads
+``../shared/data/names.txt``. ``--max-drop fixed`` fine-tunes the same copy under the fixed penalty instead
+(``bit_weight`` 0.5, no budget), and ``float`` without compression (the float model trained as long as the fine-
+tunes): the comparisons. One line per model, and one JSON file per budget in ``--out`` (when given).
 """
 
 from __future__ import annotations
