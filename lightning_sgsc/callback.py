@@ -33,7 +33,7 @@ from lightning_sgsc.feedback import FeedbackPolicy, apply_decision, mask_pruned_
 from lightning_sgsc.losses import l1_term, weighted_sum
 from lightning_sgsc.mixin import SafetyGuidedMixin
 from lightning_sgsc.norms import eval_mode
-from lightning_sgsc.optim import own_param_group
+from lightning_sgsc.optim import assign_quantizer_groups
 from lightning_sgsc.preservation.lifecycle import PreservationData, PreservationManager
 from lightning_sgsc.preservation.set import PreservationSet
 from lightning_sgsc.quant.fused import FusedQuantizer
@@ -143,9 +143,19 @@ class SafetyGuidedQuantization(Callback):
                 describe_rule("model", "a LightningModule that inherits SafetyGuidedMixin", type(pl_module).__name__)
                 + " Declare it as `class Net(SafetyGuidedMixin, L.LightningModule)` so the loss terms are added."
             )
-        n = sum(isinstance(cb, SafetyGuidedQuantization) for cb in getattr(trainer, "callbacks", None) or [])
+        callbacks = getattr(trainer, "callbacks", None) or []
+        n = sum(isinstance(cb, SafetyGuidedQuantization) for cb in callbacks)
         if n > 1:
             raise SGSCRuntimeError(describe_rule("Trainer(callbacks=...)", "one SafetyGuidedQuantization", f"{n}"))
+        from lightning.pytorch.callbacks import ModelPruning
+
+        if any(isinstance(cb, ModelPruning) for cb in callbacks):
+            raise SGSCRuntimeError(
+                describe_rule("Trainer(callbacks=...)", "without ModelPruning beside SafetyGuidedQuantization", "both")
+                + " ModelPruning and SafetyGuidedQuantization both rewrite the weights a layer computes with"
+                " (a pruning mask and a quantizer on the same Parameter); SafetyGuidedQuantization prunes by itself:"
+                " channels at zero bits, removed for good by the feedback loop and physically at export."
+            )
         if not quantized_layers(pl_module):  # a second fit, or a model the user swapped: re-use, never swap twice
             q = self.settings.quantization
             quantize_(pl_module, q.init_bits, q.include, q.exclude, init_headroom=q.init_headroom)
@@ -178,10 +188,14 @@ class SafetyGuidedQuantization(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Pruned masks are buffers: a checkpoint's load after `setup`, so read them here, not in `setup`.
         self._any_pruned = any(bool(layer.pruned.any()) for layer in self._layers)
+        _check_finite_weights(pl_module)
         if trainer.optimizers:
             schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
             lr = self.settings.quantization.lr
-            own_param_group(trainer.optimizers[0], quantizer_parameters(pl_module), lr, schedulers)
+            untrained = assign_quantizer_groups(trainer.optimizers, self._layers, lr, schedulers)
+            if untrained:
+                names = [n for n, m in quantized_layers(pl_module) if m in untrained]
+                rank_zero_warn(f"[sgsc] no optimizer holds the weights of {names[:5]}: their bit depths do not train.")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -245,6 +259,7 @@ class SafetyGuidedQuantization(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        _check_finite_step(pl_module, self._layers, trainer.global_step)
         if self._any_pruned:
             mask_pruned_grads_(self._layers)
 
@@ -258,8 +273,13 @@ class SafetyGuidedQuantization(Callback):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking and trainer.state.fn == "fit":  # the epoch's metrics are in callback_metrics
-            self._budget_check(trainer, pl_module)
+        if trainer.state.fn != "fit":
+            return
+        if trainer.sanity_checking:  # a misspelt monitor fails here, before any training
+            if self.tracker is not None:
+                self._budget_signal(trainer)
+            return
+        self._budget_check(trainer, pl_module)  # the epoch's metrics are in callback_metrics
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -408,8 +428,18 @@ class SafetyGuidedQuantization(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Bit depths trainable again; the best state within the budget into the module (``budget.keep_best``)."""
+        """Bit depths trainable again; the best state within the budget into the module (``budget.keep_best``); the
+        size table of what the module holds now (rank zero)."""
         self._freeze_quantizers(pl_module, False)
+        self._hold_budget_state(pl_module)
+        if trainer.is_global_zero:
+            from lightning_sgsc.size import format_size_table
+
+            print(
+                f"[sgsc] the compressed model ({type(pl_module).__name__}):\n{format_size_table(model_size(pl_module))}"
+            )
+
+    def _hold_budget_state(self, pl_module: pl.LightningModule) -> None:
         tracker = self.tracker
         if tracker is None:
             return
@@ -461,3 +491,36 @@ class SafetyGuidedQuantization(Callback):
                 self.tracker.load_state_dict(tracker_state)
             else:
                 self._pending_budget = tracker_state
+
+
+def _check_finite_weights(pl_module: pl.LightningModule) -> None:
+    """Refuses a model whose parameters are not all finite, before training (a NaN would reach the set's k-means)."""
+    for name, param in pl_module.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise SGSCRuntimeError(
+                describe_rule(f"the parameter {name!r}", "finite at the start of the fit", "not finite")
+                + " Check the initialisation or the checkpoint it came from."
+            )
+
+
+def _check_finite_step(pl_module: pl.LightningModule, layers: list[QuantizedLayer], step: int) -> None:
+    """Stops the fit at the step where a bit depth, an exponent, the loss or their gradients stop being finite (the
+    most specific cause named first): never fed to the feedback loop, the budget or a file."""
+    names = {id(m): n for n, m in pl_module.named_modules()}
+    advice = " Lower the learning rates (`quantization.lr` for the bit depths), clip gradients, or resume from the last"
+    advice += " finite checkpoint."
+    for attr in ("data", "grad"):
+        for layer in layers:
+            for kind in ("bits", "exponent"):
+                value = getattr(getattr(layer, kind), attr)
+                if value is not None and not bool(torch.isfinite(value).all()):
+                    what = f"{names.get(id(layer), '?')}.{kind}" + (" gradient" if attr == "grad" else "")
+                    raise SGSCRuntimeError(
+                        f"At step {step} {what} is not finite: the fit stops before the optimizer step." + advice
+                    )
+        loss = pl_module.__dict__.get("_sgsc_last_loss")
+        if attr == "data" and isinstance(loss, Tensor) and not bool(torch.isfinite(loss)):
+            raise SGSCRuntimeError(
+                f"At step {step} the training loss is not finite ({float(loss)}): the fit stops before the optimizer"
+                " moves any weight." + advice
+            )

@@ -26,7 +26,7 @@ that forgets raises :class:`~lightning_sgsc.errors.SGSCRuntimeError`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -99,6 +99,16 @@ class SafetyGuidedMixin:
         if fn is not None and cls.sgsc_auto_terms and not getattr(fn, "_sgsc_wrapped", False):
             cls.training_step = _wrap_training_step(fn)  # type: ignore[attr-defined]
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, after swapping in twins where ``state_dict`` holds quantizer state
+        (:func:`~lightning_sgsc.quant.swap.prepare_for_state_dict`): a checkpoint written under the callback loads
+        into a fresh instance, with or without the callback (``Net.load_from_checkpoint``,
+        ``trainer.fit(ckpt_path=)``)."""
+        from lightning_sgsc.quant.swap import prepare_for_state_dict
+
+        prepare_for_state_dict(self, state_dict)  # type: ignore[arg-type]
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
+
     def attach_compression(self, hook: CompressionHook | None) -> None:
         """Called by the callback in ``setup`` (``None`` in ``teardown``): the compression terms come from
         ``hook`` while it is attached."""
@@ -159,9 +169,11 @@ class SafetyGuidedMixin:
         return self._sgsc_compression(callback, None, self._sgsc_log_now())
 
     def _sgsc_compression(self, callback: CompressionHook, base: Tensor | None, log_now: bool) -> Tensor:
-        """``base`` (or nothing) plus the weighted terms; logs each raw term when ``log_now``."""
+        """``base`` (or nothing) plus the weighted terms; logs each raw term when ``log_now``. The total is kept for
+        the callback's check before the optimizer step (a non-finite loss stops the fit there)."""
         self.__dict__["_sgsc_called"] = True
         total, terms = callback.compression_terms(self, base)
+        self.__dict__["_sgsc_last_loss"] = total.detach()
         if log_now:
             for key, value in terms.items():
                 name = "train/bits_per_weight" if key == "bits" else f"train/loss_{key}"

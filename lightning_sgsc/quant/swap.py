@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -283,4 +283,51 @@ def swap_report(model: nn.Module) -> SwapReport:
     return report
 
 
-__all__ = ["FilterFn", "QuantizedLayer", "SwapReport", "dequantize_", "quantize_", "select_layers", "swap_report"]
+def checkpoint_layers(state_dict: Mapping[str, Any]) -> list[str]:
+    """The modules a state dict holds quantizer state for (its ``<module>.bits``, ``.exponent`` and ``.pruned``),
+    in the state dict's order: what was quantized when it was saved."""
+    return [
+        key[: -len(".bits")]
+        for key in state_dict
+        if key.endswith(".bits") and {key[:-5] + ".exponent", key[:-5] + ".pruned"} <= set(state_dict)
+    ]
+
+
+def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
+    """Makes ``model`` hold twins exactly where ``state_dict`` holds quantizer state, so the state dict loads: a float
+    model (``Net.load_from_checkpoint`` without the callback) is swapped first; a model swapped the same way is left
+    as it is. The checkpoint's bit depths and exponents then load over the twins'. Returns the modules swapped now.
+
+    Raises:
+        SGSCValueError: the model is already swapped, differently from the checkpoint (another ``include`` or
+            ``exclude`` than when it was saved): the message names the layers that differ.
+    """
+    wanted = checkpoint_layers(state_dict)
+    if not wanted:
+        return []
+    present = [name for name, _ in all_twins(model)]
+    if present:
+        if set(present) != set(wanted):
+            missing, extra = sorted(set(wanted) - set(present)), sorted(set(present) - set(wanted))
+            raise SGSCValueError(
+                describe_rule("state_dict", "quantizer state for the layers this model quantizes", "another set")
+                + f" The checkpoint quantizes {missing[:6]} that this model keeps float, and this model quantizes"
+                f" {extra[:6]} that the checkpoint kept float. Resume with the `include`/`exclude` it was saved with;"
+                " or load it into a float instance (`Net.load_from_checkpoint`, which swaps as the checkpoint says)."
+            )
+        return []
+    chosen = set(wanted)
+    return quantize_(model, filter_fn=lambda module, fqn: fqn in chosen)
+
+
+__all__ = [
+    "FilterFn",
+    "QuantizedLayer",
+    "SwapReport",
+    "checkpoint_layers",
+    "dequantize_",
+    "prepare_for_state_dict",
+    "quantize_",
+    "select_layers",
+    "swap_report",
+]
