@@ -122,6 +122,7 @@ class SafetyGuidedQuantization(Callback):
         self._fused = FusedQuantizer([])
         self._frozen = False  # the quantizer parameters are frozen for the cool-down
         self._feedback_epoch, self._any_pruned = -1, False
+        self._checked_epoch: int | None = -1  # the last epoch whose feedback check ran (checkpointed)
 
     @property
     @override
@@ -200,6 +201,22 @@ class SafetyGuidedQuantization(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.preservation.start(trainer, pl_module)
+        self._catch_up(trainer, pl_module)
+
+    def _catch_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A fit resumed from a checkpoint taken on an epoch's last batch skips that epoch's validation (Lightning
+        does not run it again): the feedback check it would have made is made now, on the same weights. A budget on a
+        logged metric cannot be caught up (there is no validation to read); one on the preservation metric is."""
+        missed = trainer.current_epoch - 1
+        every = trainer.check_val_every_n_epoch
+        expected = every is None or (missed + 1) % every == 0 or not trainer.enable_validation
+        done = self._checked_epoch  # from the checkpoint: the last epoch whose check ran (None: a 0.2 checkpoint)
+        if self.preservation.set is None or done is None or missed < 0 or done >= missed or not expected:
+            return
+        rank_zero_info(f"[sgsc] resumed after epoch {missed}'s last batch: its feedback check runs now")
+        self._feedback(trainer, pl_module, epoch=missed, log=False)
+        if self.settings.budget.monitor is None:
+            self._budget_check(trainer, pl_module, epoch=missed)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -210,6 +227,8 @@ class SafetyGuidedQuantization(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self.preservation.note_batch(trainer, batch)
+        if self.preservation.set is None:  # a fit resumed on an epoch's last batch starts the next without its hook
+            self.preservation.maybe_build(trainer, pl_module)
         if self.cooldown.fraction and self.cooldown.starts_now(trainer.global_step, trainer.estimated_stepping_batches):
             if self.tracker is not None:
                 self.tracker.start_over()  # only the cool-down's states, at their final precision, compete now
@@ -294,10 +313,14 @@ class SafetyGuidedQuantization(Callback):
         """The preservation metric of the model as it is now (:meth:`PreservationManager.metric`)."""
         return self.preservation.metric(trainer, pl_module, self.settings.preservation.recalibrate_norms)
 
-    def _feedback(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Measures the preservation set, asks the policy, carries its decision out and records it. In the cool-down
-        the set is still measured (a budget on it judges the cool-down's states), and nothing is changed."""
-        self._feedback_epoch = trainer.current_epoch
+    def _feedback(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | None = None, log: bool = True
+    ) -> None:
+        """Measures the preservation set, asks the policy, carries its decision out and records it (as of ``epoch``,
+        default the current one). In the cool-down the set is still measured (a budget on it judges the cool-down's
+        states), and nothing is changed."""
+        epoch = trainer.current_epoch if epoch is None else epoch
+        self._feedback_epoch = self._checked_epoch = epoch
         if self.preservation.set is not None:
             metric = self.measure_preservation(trainer, pl_module)
             violated = self.last_verdict is not None and self.last_verdict.violated
@@ -313,10 +336,12 @@ class SafetyGuidedQuantization(Callback):
                 if event.restored or event.kept_alive:
                     self._recalibrate(pl_module)
             self._any_pruned = any(bool(layer.pruned.any()) for layer in self._layers)
-            event = dataclasses.replace(event, epoch=trainer.current_epoch, step=trainer.global_step)
+            event = dataclasses.replace(event, epoch=epoch, step=trainer.global_step)
             self.history = [*self.history, event.as_dict()][-config.max_history :]
-            pl_module.log_dict({f"sgsc/{k}": float(v) for k, v in event.metrics().items()})
-        pl_module.log_dict(size_metrics(model_size(pl_module)))
+            if log:
+                pl_module.log_dict({f"sgsc/{k}": float(v) for k, v in event.metrics().items()})
+        if log:
+            pl_module.log_dict(size_metrics(model_size(pl_module)))
 
     def _recalibrate(self, pl_module: pl.LightningModule) -> None:
         """New BatchNorm statistics after precision came back: a channel restored from zero bits had a variance of
@@ -330,12 +355,12 @@ class SafetyGuidedQuantization(Callback):
 
     # -------------------------------------------------------------------------------------------------- budget
 
-    def _budget_signal(self, trainer: pl.Trainer) -> float | None:
+    def _budget_signal(self, trainer: pl.Trainer, epoch: int | None = None) -> float | None:
         """This check's value of the budget's metric: ``monitor`` from the logged metrics, or the preservation metric
         measured at this epoch (``None`` when there is none yet)."""
         monitor = self.settings.budget.monitor
         if monitor is None:
-            if not self.history or self.history[-1]["epoch"] != trainer.current_epoch:
+            if not self.history or self.history[-1]["epoch"] != (trainer.current_epoch if epoch is None else epoch):
                 return None
             return float(self.history[-1]["metric"])
         if monitor not in trainer.callback_metrics:
@@ -345,12 +370,12 @@ class SafetyGuidedQuantization(Callback):
             )
         return float(trainer.strategy.broadcast(float(trainer.callback_metrics[monitor]), src=0))
 
-    def _budget_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _budget_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | None = None) -> None:
         """One budget check: ask the tracker for a verdict, then apply it (keep the state it names, repair precision
         over the budget) and log it."""
         if self.tracker is None:
             return
-        value = self._budget_signal(trainer)
+        value = self._budget_signal(trainer, epoch)
         if value is None:
             return
         size = model_size(pl_module)
@@ -465,6 +490,7 @@ class SafetyGuidedQuantization(Callback):
             "policy": self.policy.state_dict(),
             "history": [dict(e) for e in self.history],
             "preservation": self.preservation.state_dict(),
+            "checked_epoch": self._checked_epoch,
             "budget": {
                 "tracker": self.tracker.state_dict() if self.tracker is not None else None,
                 "cooling": self.cooldown.active,
@@ -479,6 +505,7 @@ class SafetyGuidedQuantization(Callback):
 
         self.policy.load_state_dict(state_dict["policy"])
         self.history = [dict(e) for e in state_dict["history"]]
+        self._checked_epoch = state_dict.get("checked_epoch")
         legacy = {k[13:]: v for k, v in state_dict.items() if k.startswith("preservation_")}  # written by 0.1
         self.preservation.load_state_dict(state_dict.get("preservation", legacy))
         budget = state_dict.get("budget") or {}

@@ -148,21 +148,36 @@ def _hardware() -> str:
 
 def _load_start(module: pl.LightningModule, path: str) -> None:
     """Loads the state dict a ``save_weights=true`` run wrote, or a Lightning checkpoint's (``init_from``), into
-    ``module``."""
+    ``module``; a file that is neither is named with what it is."""
     file = Path(path)
+    rule = "a weights file (save_weights=true) or a Lightning checkpoint"
     if not file.is_file():
+        raise SGSCValueError(describe_rule("init_from", rule, path) + " No such file.")
+    head = file.read_bytes()[:16]
+    if len(head) < 8:
+        raise SGSCValueError(describe_rule("init_from", rule, path) + f" It is {file.stat().st_size} bytes long.")
+    if head[8:9] == b"{":  # a safetensors file: the compressed artifact, most likely
         raise SGSCValueError(
-            f"`init_from` must be a weights file (save_weights=true) or a Lightning checkpoint, got {path!r}: no such"
-            " file."
+            describe_rule("init_from", rule, path)
+            + " It is a safetensors file (a compressed .sgsc artifact?): load that with"
+            " lightning_sgsc.load_compressed, or start from the float run's .pt or .ckpt."
         )
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise SGSCValueError(
+            describe_rule("init_from", rule, path)
+            + f" torch.load could not read it ({type(err).__name__}: {err})."[:400]
+        ) from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint (.ckpt)
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise SGSCValueError(describe_rule("init_from", rule, path) + f" It holds a {type(state).__name__}.")
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise SGSCValueError(
-            f"`init_from` must hold the weights of this model, got {path!r}: missing {list(missing)[:5]},"
-            f" unexpected {list(unexpected)[:5]} (another model or experiment?)."
+            describe_rule("init_from", "the weights of this model", path)
+            + f" Missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]} (another model or experiment?)."
         )
 
 

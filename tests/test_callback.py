@@ -416,14 +416,14 @@ def test_a_second_fit_reads_its_own_training_batch(tmp_path):
 
 def test_the_loaders_batch_size_wins_over_a_smaller_first_batch():
     # A fit resumed at an epoch's last batch starts on a partial batch; the loader says what the batches are.
-    cb = SafetyGuidedQuantization()
+    cb = SafetyGuidedQuantization(preservation_size=0, preservation_data=blob_data(8))
     trainer = SimpleNamespace(train_dataloader=torch.utils.data.DataLoader(blob_data(30), batch_size=24))
     cb.on_train_batch_start(trainer, None, (torch.zeros(6, 1, 8, 8), torch.zeros(6)), 0)  # type: ignore[arg-type]
     assert cb.preservation.effective_batch_size == 24
 
 
 def test_a_training_batch_without_a_size_falls_back_to_32_with_a_warning():
-    cb = SafetyGuidedQuantization()
+    cb = SafetyGuidedQuantization(preservation_size=0, preservation_data=blob_data(8))
     trainer = SimpleNamespace(train_dataloader=None)
     with pytest.warns(UserWarning, match=r"no batch size found in the training batch; preservation batches of 32"):
         cb.on_train_batch_start(trainer, None, {"text": ["a", "b"]}, 0)  # type: ignore[arg-type]

@@ -56,14 +56,11 @@ def test_resuming_with_another_include_names_the_layers_that_differ(tmp_path):
 
 def test_the_export_command_writes_the_file_and_the_onnx_file_from_a_checkpoint(tmp_path):
     _, ckpt = _fit_and_save(tmp_path)
-    run = subprocess.run(
-        [
-            sys.executable, "-m", "lightning_sgsc.cli", "export", str(ckpt),
-            "--model", "tests.helpers.models.TinyClassifier", "--submodule", "net",
-            "--out", str(tmp_path / "net.sgsc"), "--onnx", str(tmp_path / "net.onnx"), "--input_shape", "2,1,8,8",
-        ],  # fmt: skip
-        capture_output=True, text=True, cwd=ROOT, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": ""},
-    )  # fmt: skip
+    args = [sys.executable, "-m", "lightning_sgsc.cli", "export", str(ckpt), "--model"]
+    args += ["tests.helpers.models.TinyClassifier", "--submodule", "net", "--out", str(tmp_path / "net.sgsc")]
+    args += ["--onnx", str(tmp_path / "net.onnx"), "--input_shape", "2,1,8,8"]
+    env = {"PYTHONPATH": str(ROOT), "PATH": ""}
+    run = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "kept/total" in run.stdout and "net.sgsc" in run.stdout  # the size table, and where the file went
     from lightning_sgsc import load_compressed
@@ -241,4 +238,3 @@ def test_a_budget_added_when_resuming_an_unbudgeted_checkpoint_starts_cleanly(tm
     trainer = cpu_trainer(tmp_path, [cb], max_epochs=6)
     trainer.fit(TinyClassifier(lr=0.05), ckpt_path=ckpt)
     assert cb.tracker is not None and len(cb.budget_history) == 3 and cb.tracker.best is not None
-

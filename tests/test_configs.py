@@ -153,14 +153,28 @@ def test_init_from_also_takes_a_lightning_checkpoint(tmp_path):
 def test_init_from_a_missing_or_foreign_file_is_refused(tmp_path):
     from lightning_sgsc import SGSCValueError
 
-    with pytest.raises(SGSCValueError, match=r"`init_from` must be a weights file .* no such file"):
+    with pytest.raises(SGSCValueError, match=r"`init_from` must be a weights file .* No such file"):
         _fast(tmp_path, "digits", [f"init_from={tmp_path / 'nope.pt'}"])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(SGSCValueError, match=r"`init_from` must be a weights file .*empty.pt'.* 0 bytes long"):
+        _fast(tmp_path, "digits", [f"init_from={tmp_path / 'empty.pt'}"])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all, just text")
+    with pytest.raises(SGSCValueError, match=r"`init_from` must be a weights file .*junk.pt'.* could not read it"):
+        _fast(tmp_path, "digits", [f"init_from={tmp_path / 'junk.pt'}"])
+    from lightning_sgsc import export_compressed, quantize_
+    from lightning_sgsc.examples import DigitsCNN
+
+    net = DigitsCNN()
+    quantize_(net)
+    export_compressed(net, tmp_path / "net.sgsc")
+    with pytest.raises(SGSCValueError, match=r"safetensors file \(a compressed .sgsc artifact\?\)"):
+        _fast(tmp_path, "digits", [f"init_from={tmp_path / 'net.sgsc'}"])
     names = _fast(
         tmp_path,
         "names_transformer",
         ["sgsc=float", "save_weights=true", f"data.path={write_names(tmp_path / 'n.txt')}"],
     )
-    with pytest.raises(SGSCValueError, match=r"`init_from` must hold the weights of this model.*missing"):
+    with pytest.raises(SGSCValueError, match=r"`init_from` must be the weights of this model.*Missing"):
         _fast(tmp_path, "digits", [f"init_from={tmp_path / 'results' / names['weights']}"])
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -16,9 +18,61 @@ def split_indices(n: int, fractions: tuple[float, float], seed: int) -> tuple[li
     return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
 
 
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` that resumes where it stopped: Lightning's ``state_dict``/``load_state_dict`` protocol for
+    loaders, so a fit resumed from any checkpoint (mid-epoch, or on an epoch's last batch) sees exactly the batches an
+    uninterrupted fit would have seen.
+
+    The state is the shuffling generator's state when the epoch's iteration began and now, and how many batches of
+    the epoch were handed out (Lightning fetches no batch ahead from a loader with a length, so these are the batches
+    trained on): on loading, the epoch's order is drawn again and those batches are skipped (loaded and dropped), or,
+    after a finished epoch, the next epoch starts from the generator as it was. Uninterrupted, it draws exactly what a
+    plain ``DataLoader`` with the same generator draws.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._epoch_state: torch.Tensor | None = None
+        self._handed_out, self._exhausted, self._skip = 0, False, 0
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        if self.generator is not None:
+            self._epoch_state = self.generator.get_state()
+        batches = super().__iter__()
+        skip, self._skip = self._skip, 0
+        self._handed_out, self._exhausted = 0, False
+        return self._count(batches, skip)
+
+    def _count(self, batches: Iterator[Any], skip: int) -> Iterator[Any]:
+        for i, batch in enumerate(batches):
+            if i < skip:
+                continue
+            self._handed_out = i + 1
+            yield batch
+        self._exhausted = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch_state": self._epoch_state,
+            "state": self.generator.get_state() if self.generator is not None else None,
+            "handed_out": self._handed_out,
+            "exhausted": self._exhausted,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        finished = state["exhausted"] or state["handed_out"] >= len(self)
+        self._skip = 0 if finished else int(state["handed_out"])
+        if self.generator is None:
+            return
+        if finished:  # the next epoch draws from the generator as it was
+            self.generator.set_state(state["state"])
+        elif state["epoch_state"] is not None:  # mid-epoch: the same order again, without what was trained on
+            self.generator.set_state(state["epoch_state"])
+
+
 class TensorDataModule(pl.LightningDataModule):
     """Loaders over ``train_set`` / ``val_set`` / ``test_set`` (TensorDatasets that ``setup`` builds); the training
-    loader shuffles with a generator seeded by ``self.seed``."""
+    loader shuffles with a generator seeded by ``self.seed`` and resumes exactly (:class:`ResumableDataLoader`)."""
 
     batch_size: int
     seed: int
@@ -36,7 +90,7 @@ class TensorDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.eval_batch_size)
