@@ -25,7 +25,7 @@ def _compose(overrides):
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_config_group_option_composes(group, option, tmp_path):
-    cfg = _compose([f"{group}={option}", f"results_dir={tmp_path}"])
+    cfg = _compose([f"{group}={option}", f"output_dir={tmp_path}"])
     assert OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 
 
@@ -36,7 +36,7 @@ def test_groups_are_all_there():
 
 
 def test_sweeps_are_multirun_over_the_documented_axes():
-    cfg = _compose(["sweep=fashion_hparams", "results_dir=/tmp/x"])
+    cfg = _compose(["sweep=fashion_hparams", "output_dir=/tmp/x"])
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         hydra_cfg = compose("train", overrides=["sweep=fashion_hparams"], return_hydra_config=True).hydra
     assert str(hydra_cfg.mode) in ("MULTIRUN", "RunMode.MULTIRUN")
@@ -64,7 +64,7 @@ def test_bad_overrides_fail_before_training(override, match):
 
 def _fast(tmp_path, experiment, extra=()):
     cfg = _compose(
-        [f"experiment={experiment}", f"results_dir={tmp_path / 'results'}", "trainer.fast_dev_run=true", *extra]
+        [f"experiment={experiment}", f"output_dir={tmp_path / 'results'}", "trainer.fast_dev_run=true", *extra]
     )
     return train(cfg)
 
@@ -80,7 +80,7 @@ def test_fashion_cnn_experiment_runs(tmp_path, variant):
     )
     assert result["variant"] == {"default": "safe"}.get(variant, variant)
     assert result["file_bytes"] > 0 and 0.0 <= result["test_metric"] <= 1.0
-    saved = json.loads((tmp_path / "results" / f"{result['run']}.json").read_text())
+    saved = json.loads((tmp_path / "results" / "result.json").read_text())
     if variant != "float":  # every feedback event, and the restores split by cause
         assert saved["feedback"] and {"restored", "kept_alive", "pruned", "metric"} <= set(saved["feedback"][0])
         assert saved["restored_channels"] == sum(e["restored"] for e in saved["feedback"])
@@ -105,6 +105,7 @@ def test_names_transformer_experiment_runs(tmp_path):
         ],
     )
     assert result["test_metric_name"] == "test/loss" and result["file_bytes"] < result["float32_bytes"]
+    assert result["val_metric_name"] == "val/loss"  # the experiment's metric: a loss
 
 
 @pytest.mark.slow
@@ -120,10 +121,10 @@ def test_a_budgeted_run_fine_tunes_a_saved_float_run_and_takes_its_value_as_the_
     from hydra.utils import instantiate
 
     float_cfg = ["experiment=digits", "sgsc=float", "save_weights=true", "trainer.max_epochs=3"]
-    float_run = train(_compose([*float_cfg, f"results_dir={tmp_path / 'results'}"]))  # trained: far from its init
+    float_run = train(_compose([*float_cfg, f"output_dir={tmp_path / 'results'}"]))  # trained: far from its init
     weights = tmp_path / "results" / float_run["weights"]
     overrides = ["sgsc=budget", "sgsc.budget.warmup_checks=0", f"init_from={weights}", "sgsc.max_drop=0.01"]
-    result = _fast(tmp_path, "digits", overrides)
+    result = _fast(tmp_path / "tune", "digits", overrides)
     cfg = _compose(["experiment=digits", *overrides])
     module = instantiate({k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name"})
     module.load_state_dict(torch.load(weights, weights_only=True))

@@ -40,6 +40,6 @@ def test_the_wheel_installs_and_sgsc_train_runs_from_an_unrelated_directory(tmp_
         cwd=work, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    (result,) = (work / "experiments" / "results" / "train").glob("*.json")
+    (result,) = (work / "experiments" / "results" / "train").rglob("result.json")
     saved = json.loads(result.read_text())
     assert saved["run"] == "digits_cnn-safe-seed0" and saved["file_bytes"] > 0

@@ -53,7 +53,6 @@ import multiprocessing
 import pickle
 import platform
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -74,9 +73,7 @@ from lightning_sgsc.examples.training import quiet_trainer
 from lightning_sgsc.export import export_compressed, load_compressed
 from lightning_sgsc.quant.modules import quantized_layers
 from lightning_sgsc.settings import merge_settings
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from summarize import pareto_front
+from lightning_sgsc.summarize import pareto_front
 
 FLOAT32_BYTES = 4 * 421_642
 SETTINGS: dict[str, list[float]] = {
