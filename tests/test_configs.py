@@ -226,3 +226,10 @@ def test_dict_and_list_settings_override_from_the_command_line(override, expecte
     assert (list(value) if isinstance(value, (list, tuple)) else value) == expected
     with pytest.raises(ConfigCompositionException):
         _compose(["sgsc.quantization.init_bits=[1,2]"])  # checked before training
+
+
+def test_missing_fashion_files_are_named_with_the_hydra_spelling_of_the_fix(tmp_path):
+    from lightning_sgsc.examples import IDXImageDataModule
+
+    with pytest.raises(FileNotFoundError, match=r"in the Hydra app: data.download=true"):
+        IDXImageDataModule(root=str(tmp_path / "none")).setup()

@@ -197,7 +197,8 @@ class IDXImageDataModule(TensorDataModule):
         if train is None or test is None:
             raise FileNotFoundError(
                 f"`root` must hold the IDX files, got {str(self.root)!r}. Install Fashion-MNIST with "
-                "`apt-get install -y dataset-fashion-mnist`, or pass download=True when online."
+                "`apt-get install -y dataset-fashion-mnist`, or, when online, pass download=True (in the Hydra app: "
+                "data.download=true; on the CLI: --data.download true)."
             )
         x, y = train
         if self.train_limit is not None:
