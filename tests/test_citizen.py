@@ -238,3 +238,30 @@ def test_a_budget_added_when_resuming_an_unbudgeted_checkpoint_starts_cleanly(tm
     trainer = cpu_trainer(tmp_path, [cb], max_epochs=6)
     trainer.fit(TinyClassifier(lr=0.05), ckpt_path=ckpt)
     assert cb.tracker is not None and len(cb.budget_history) == 3 and cb.tracker.best is not None
+
+
+def _quantized_tiny() -> tuple[TinyClassifier, list]:
+    model = TinyClassifier()
+    cb = SafetyGuidedQuantization(preservation_size=0)
+    cb.setup(cpu_trainer(Path("."), [cb]), model, "fit")  # swaps the layers, as at the start of a fit
+    return model, [layer for _, layer in quantized_layers(model)]
+
+
+def test_the_per_step_check_names_a_non_finite_bit_gradient():
+    from lightning_sgsc.callback import _check_finite_step
+
+    model, layers = _quantized_tiny()
+    for layer in layers:
+        layer.bits.grad = torch.zeros_like(layer.bits)
+    layers[-1].bits.grad[0] = float("inf")
+    with pytest.raises(SGSCError, match=r"step 7 .*bits gradient is not finite"):
+        _check_finite_step(model, layers, 7)
+
+
+def test_the_per_step_check_does_not_stop_on_finite_values_whose_sum_overflows():
+    from lightning_sgsc.callback import _check_finite_step
+
+    model, layers = _quantized_tiny()
+    for layer in layers:
+        layer.bits.grad = torch.full_like(layer.bits, 3e38)  # finite, but their float32 sum is inf
+    _check_finite_step(model, layers, 7)  # no culprit: no stop

@@ -112,6 +112,8 @@ class QuantizedLayer:
     @property
     def channel_weight(self) -> Tensor:
         """:attr:`float_weight` with the output channels first (a view): what the quantizer works on."""
+        if self.__dict__.get("_sgsc_plain"):  # a Parameter with its channels first: read directly (every forward)
+            return self._parameters[self.quant_param]  # type: ignore[attr-defined,no-any-return]
         w = self.float_weight
         return w if self.channel_axis == 0 else w.movedim(self.channel_axis, 0)
 
@@ -164,6 +166,13 @@ class QuantizedLayer:
         """In-place modification counters of the tensors the quantized weight depends on."""
         module: nn.Module = self  # type: ignore[assignment]
         params, buffers = module._parameters, module._buffers  # direct reads: this runs on every forward
+        if module.__dict__.get("_sgsc_plain"):
+            return (
+                params[self.quant_param]._version,  # type: ignore[union-attr]
+                params["bits"]._version,  # type: ignore[union-attr]
+                params["exponent"]._version,  # type: ignore[union-attr]
+                buffers["pruned"]._version,  # type: ignore[union-attr]
+            )
         return (
             *(t._version for t in self.leaf_tensors()),
             params["bits"]._version,  # type: ignore[union-attr]
@@ -190,7 +199,8 @@ class QuantizedLayer:
 
     def quantized_weight(self) -> Tensor:
         """:meth:`quantized_channels` in the module's own weight layout (what its forward computes with)."""
-        return self.to_layout(self.quantized_channels())
+        q = self.quantized_channels()
+        return q if self.channel_axis == 0 else q.movedim(0, self.channel_axis)
 
     @contextmanager
     def computing(self) -> Iterator[None]:
@@ -203,9 +213,14 @@ class QuantizedLayer:
             module.__dict__.pop("_sgsc_sub", None)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The module's own ``forward``, computing with the quantized weight."""
-        with self.computing():
+        """The module's own ``forward``, computing with the quantized weight (:meth:`computing`, inlined: this
+        runs on every forward of every twin)."""
+        state = self.__dict__
+        state["_sgsc_sub"] = self.quantized_weight()
+        try:
             return self.float_cls.forward(self, *args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            state.pop("_sgsc_sub", None)
 
     def effective_bits(self) -> Tensor:
         """``b`` clamped to [0, 16] per channel, 0 where pruned (differentiable)."""
@@ -222,6 +237,10 @@ class QuantizedLayer:
     def _init_quantizer(self, init_bits: float, headroom: float, share: QuantizedLayer | None) -> None:
         module: nn.Module = self  # type: ignore[assignment]
         module.__dict__["modes"] = TwinModes()
+        # a plain Parameter with its channels first: the hot paths read it directly (a parametrization added to the
+        # twin later is not supported: add it before the swap)
+        plain = self.channel_axis == 0 and not parametrize.is_parametrized(module, self.quant_param)
+        module.__dict__["_sgsc_plain"] = plain
         if share is not None:  # a tied weight: one quantizer for both holders
             module.bits, module.exponent = share.bits, share.exponent
             module.register_buffer("pruned", share.pruned)
@@ -286,8 +305,8 @@ class QuantizedLayer:
         out = out_cls.__new__(out_cls)
         _copy_module_state(module, out)
         del out._parameters["bits"], out._parameters["exponent"], out._buffers["pruned"]
-        out.__dict__.pop("modes", None)
-        out.__dict__.pop("_sgsc_sub", None)
+        for key in ("modes", "_sgsc_sub", "_sgsc_plain"):
+            out.__dict__.pop(key, None)
         if bake:
             with torch.no_grad():
                 baked = nn.Parameter(self.quantized_weight().detach().clone(), self.leaf_tensors()[0].requires_grad)
