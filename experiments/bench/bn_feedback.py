@@ -47,7 +47,7 @@ class TestAccuracy(pl.Callback):
         was = pl_module.training
         pl_module.eval()
         with torch.no_grad():
-            if self.sgsc.recalibrate_norms:
+            if self.sgsc.settings.preservation.recalibrate_norms:
                 self.sgsc.preservation.recalibrate(pl_module)  # what the loop's measurement does first
             self.acc[trainer.current_epoch] = float((pl_module(self.x).argmax(-1) == self.y).float().mean())
         pl_module.train(was)
