@@ -39,7 +39,8 @@ class TestAccuracy(pl.Callback):
     loop restores or prunes anything. For the report only; the loop never sees it."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, sgsc: SafetyGuidedQuantization) -> None:
-        self.x, self.y, self.sgsc, self.acc = x, y, sgsc, {}
+        self.x, self.y, self.sgsc = x, y, sgsc
+        self.acc: dict[int, float] = {}
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -60,7 +61,8 @@ def run(epochs: int, seed: int, recalibrate: bool) -> list[dict[str, Any]]:
     module = ClassifierModule(ResidualBNCNN(), lr=3e-3)
     norms = {"preservation": {"recalibrate_norms": recalibrate}}
     cb = SafetyGuidedQuantization(seed=seed, **merge_settings(DEMO_SETTINGS, norms))
-    report = TestAccuracy(*data.test_set.tensors, sgsc=cb)
+    x, y = data.test_set.tensors
+    report = TestAccuracy(x, y, sgsc=cb)
     quiet_trainer(epochs, [report, cb]).fit(module, data)
     keys = ("epoch", "metric", "reference", "action", "restored", "pruned")
     return [{k: event[k] for k in keys} | {"test_acc": report.acc[event["epoch"]]} for event in cb.history]

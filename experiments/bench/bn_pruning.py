@@ -57,7 +57,7 @@ def _train(compress: bool, epochs: int) -> tuple[ClassifierModule, DigitsDataMod
     pl.seed_everything(0, verbose=False)
     data = DigitsDataModule(seed=0)
     module = ClassifierModule(DigitsResNet18(), lr=1e-3)
-    callbacks = [SafetyGuidedQuantization(seed=0, **SETTINGS)] if compress else []
+    callbacks: list[pl.Callback] = [SafetyGuidedQuantization(seed=0, **SETTINGS)] if compress else []
     trainer = quiet_trainer(epochs, callbacks)
     trainer.fit(module, data)
     return module, data, float(trainer.test(module, data, verbose=False)[0]["test/acc"])

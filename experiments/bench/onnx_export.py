@@ -80,7 +80,7 @@ def _train(name: str, compress: bool, loader: DataLoader) -> torch.nn.Module:
     }[name]()
     module = LanguageModule(net) if name == "char_transformer" else ClassifierModule(net, lr=3e-3)
     settings = merge_settings(DEMO_SETTINGS, {"preservation": {"pool": 2000}})
-    callbacks = [SafetyGuidedQuantization(seed=0, **settings)] if compress else []
+    callbacks: list[pl.Callback] = [SafetyGuidedQuantization(seed=0, **settings)] if compress else []
     epochs = {"digits_cnn": 40, "residual_bn_cnn": 20, "fashion_cnn": 3, "char_transformer": 1}[name]
     steps = 300 if name == "char_transformer" else -1
     quiet_trainer(epochs, callbacks, max_steps=steps, limit_val_batches=0).fit(module, train_dataloaders=loader)

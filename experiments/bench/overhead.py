@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -158,7 +158,7 @@ def measure(
             per_round[side].append(statistics.mean(times))
             steps_all[side] += times
             if side == "sgsc":
-                batch = callbacks[0].preservation.effective_batch_size
+                batch = cast(SafetyGuidedQuantization, callbacks[0]).preservation.effective_batch_size
     ms = {side: 1e3 * statistics.mean(steps_all[side]) for side in sides}
     return {
         "model": name,

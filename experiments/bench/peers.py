@@ -220,7 +220,8 @@ def _brevitas(setting: float) -> tuple[pl.LightningModule, list[pl.Callback], Ca
 
     def size(model: ClassifierModule) -> int:
         total = 0
-        for layer in (model.net.conv1, model.net.conv2, model.net.fc1, model.net.fc2):
+        for name in ("conv1", "conv2", "fc1", "fc2"):
+            layer: Any = getattr(model.net, name)  # brevitas layers
             q = layer.quant_weight()
             total += math.ceil(q.int().numel() * bits / 8) + 4 * q.scale.numel() + 4 * layer.bias.numel()
         return total
@@ -240,7 +241,8 @@ def _pruning(setting: float) -> tuple[pl.LightningModule, list[pl.Callback], Cal
     def size(model: ClassifierModule) -> int:
         total = 0
         with torch.no_grad():
-            for layer in (model.net.conv1, model.net.conv2, model.net.fc1, model.net.fc2):
+            for name in ("conv1", "conv2", "fc1", "fc2"):
+                layer: Any = getattr(model.net, name)
                 w = layer.weight.reshape(layer.weight.shape[0], -1)
                 scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
                 q = torch.round(w / scale).clamp(-127, 127)

@@ -67,8 +67,8 @@ def demo_runs(every: list[int], seeds: list[int], epochs: int = 40) -> list[dict
     for seed in seeds:
         plain = demo.train_one(False, epochs, seed, 3e-3)
         for n in every:
-            every = merge_settings(demo.DEMO_SETTINGS, {"preservation": {"every_n_steps": n}})
-            small = demo.train_one(True, epochs, seed, 3e-3, every)
+            settings = merge_settings(demo.DEMO_SETTINGS, {"preservation": {"every_n_steps": n}})
+            small = demo.train_one(True, epochs, seed, 3e-3, settings)
             run = {"every": n, "seed": seed, "acc": round(small["acc"], 4), "float_acc": round(plain["acc"], 4)}
             run |= {"bytes": small["bytes"], "bits_per_weight": round(small["bits_per_weight"], 3)}
             print(json.dumps({"demo": run}), flush=True)
@@ -114,7 +114,7 @@ def summarize(demo_rows: list[dict[str, Any]], peers_rows: list[dict[str, Any]],
     for point in dict.fromkeys(r["run"] for r in peers_rows):
         by = {(r["every"], r["seed"]): r for r in peers_rows if r["run"] == point}
         seeds = sorted({seed for _, seed in by})
-        entry: dict[str, Any] = {}
+        entry: dict[int, Any] = {}
         for n in every:
             entry[n] = {
                 "acc_mean": round(statistics.mean(100 * by[n, s]["test_metric"] for s in seeds), 3),
