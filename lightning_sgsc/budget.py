@@ -9,15 +9,20 @@ once per validation on a noisy metric, not per step on a differentiable one.
 * **accuracy budget** (``max_drop``): the slack is ``max_drop - drop``, ``drop`` being how much worse the smoothed
   metric (an exponential moving average) is than the reference (absolute, or relative to it). Room beyond the noise
   raises the weight (compress more); a violation beyond the noise lowers it twice as fast (safety first), unless the
-  metric is still improving; within the noise the weight holds. The noise is estimated from successive differences
-  of the metric (:class:`~lightning_sgsc.signal.DifferenceNoise`).
+  metric is still improving; within the noise the weight holds. The noise is the metric's measurement noise, from
+  second differences, so a learning trend does not count as noise (:class:`~lightning_sgsc.signal.TrendFreeNoise`).
 * **size budget** (``target_bytes`` / ``target_bits_per_weight``): the slack is the share of the target left;
   over the target the weight rises, well under it the weight falls (the most accurate model within that size).
 
 Each step is ``step * min(1, |slack| / max_drop)`` in ``log(weight)``; the weight stays within ``[weight0 / 1000,
-weight0 * 1000]``. The first ``warmup_checks`` checks train without the size term (the weight is 0). Without a
-``reference_value`` the best smoothed value seen stands for the float model's: set during the warm-up, raised (never
-lowered) by any later better value.
+weight0 * 1000]``. The first ``warmup_checks`` checks train without the size term (the weight is 0).
+
+Without a ``reference_value`` one fit does it all, in three phases: **reference** (size term off) until the metric is
+on its plateau (:class:`~lightning_sgsc.signal.Plateau`: the gain its trend projects over the next checks is within
+the measurement noise, or within half the budget), at least ``warmup_checks`` checks and at most ``reference_fraction``
+of the training steps; then **compress** within the budget; then the **cool-down** (the callback's). The reference is
+the best smoothed value seen, raised (never lowered) by any later better value: the float model would have improved
+too.
 
 A check is *within* the budget when its measurement is and its smoothed value is by a margin of the noise, so the
 state kept is not one lucky measurement (winner's curse). :class:`BudgetTracker` says which state to keep (the
@@ -33,13 +38,19 @@ from typing import Any
 
 from lightning_sgsc.config import Budget
 from lightning_sgsc.errors import SGSCValueError, describe_rule
-from lightning_sgsc.signal import DifferenceNoise, Direction, Reference
+from lightning_sgsc.signal import Direction, Plateau, Reference, TrendFreeNoise
 
 STEP = 0.5
 """Largest change of ``log(bit_weight)`` per check when raising it (lowering: twice this)."""
 
 SMOOTHING = 0.5
-"""Weight of the past in the exponential moving averages of the metric and its noise."""
+"""Weight of the past in the exponential moving average of the metric."""
+
+NOISE_SMOOTHING = 0.8
+"""Weight of the past in the average of the metric's noise (a spread is estimated from more checks than a level)."""
+
+PHASES = ("reference", "compress", "cooldown")
+"""A budgeted fit's phases, in order (logged as ``sgsc/phase``, their index)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,8 @@ class Check:
     weight: float
     within: bool
     warming_up: bool
+    phase: str = "compress"
+    """``"reference"`` (size term off, the reference being found), ``"compress"`` or ``"cooldown"``."""
 
     @property
     def violated(self) -> bool:
@@ -86,15 +99,23 @@ class BudgetController:
         self.initial_weight = float(initial_weight)
         self.log_weight = math.log(initial_weight)
         self.reference = Reference(self.direction, "best", budget.reference_value)
-        self.noise = DifferenceNoise(smoothing)
+        self.noise = TrendFreeNoise(NOISE_SMOOTHING)
+        self.plateau = Plateau(self.direction)
         self.smoothed: float | None = None
         self.checks = 0
+        # the reference phase is over (always, with a given reference or a size budget)
+        self.fixed = budget.kind != "accuracy" or budget.reference_value is not None
 
     @property
     def warming_up(self) -> bool:
-        """The size term is off during the first ``warmup_checks`` checks of an accuracy budget (they establish the
-        reference when none is given)."""
-        return self.budget.kind == "accuracy" and self.checks < self.budget.warmup_checks
+        """The size term is off during the first ``warmup_checks`` checks of an accuracy budget and, without a
+        ``reference_value``, until the reference is fixed at the metric's plateau."""
+        return self.budget.kind == "accuracy" and (self.checks < self.budget.warmup_checks or not self.fixed)
+
+    @property
+    def phase(self) -> str:
+        """``"reference"`` while warming up, else ``"compress"`` (the cool-down is the caller's to say)."""
+        return "reference" if self.warming_up else "compress"
 
     @property
     def weight(self) -> float:
@@ -111,12 +132,33 @@ class BudgetController:
             return self.noise.value / abs(ref)
         return self.noise.value
 
-    def update(self, metric: float, size: float | None = None, steer: bool = True) -> Check:
+    def _plateau_tolerance(self) -> float:
+        """How much further gain still counts as the plateau: the measurement noise, or half the budget (a gain the
+        budget absorbs), whichever is larger; in the metric's units."""
+        half = 0.5 * float(self.budget.max_drop or 0.0)
+        if self.budget.drop_type == "relative":
+            half *= abs(self.smoothed or 0.0)
+        return max(self.noise.value, half)
+
+    def _fix_reference(self, metric: float, steer: bool, progress: float | None) -> None:
+        """In the reference phase: whether this check ends it (the plateau, after ``warmup_checks`` checks; or
+        ``reference_fraction`` of the steps gone; or the cool-down begun)."""
+        flat = self.plateau.update(metric, self._plateau_tolerance(), self.noise.value)
+        late = progress is not None and progress >= self.budget.reference_fraction
+        if (flat and self.checks >= self.budget.warmup_checks) or late or not steer:
+            self.fixed = True
+            self.reference.value = self.smoothed
+
+    def update(
+        self, metric: float, size: float | None = None, steer: bool = True, progress: float | None = None
+    ) -> Check:
         """One check: the metric (and, for a size budget, the size in the budget's unit); returns the verdict.
-        ``steer=False`` (the cool-down): judge the check, leave the weight as it is."""
+        ``steer=False`` (the cool-down): judge the check, leave the weight as it is. ``progress``: the share of the
+        training steps done (ends the reference phase at ``reference_fraction``)."""
         if not math.isfinite(metric):
             ref = self.reference.value
-            return Check(metric, math.nan, self.noise.value, ref, math.nan, math.nan, self.weight, False, False)
+            phase = self.phase if steer else "cooldown"
+            return Check(metric, math.nan, self.noise.value, ref, math.nan, math.nan, self.weight, False, False, phase)
         a = self.smoothing
         noise = self.noise.update(metric)
         previous = self.smoothed
@@ -131,11 +173,13 @@ class BudgetController:
         warming = self.warming_up  # this check was trained without the size term
         self.checks += 1
         kind = self.budget.kind
-        if kind == "accuracy" and self.budget.reference_value is None:
+        if kind == "accuracy" and self.budget.reference_value is None and self.fixed:
             self.reference.update(self.smoothed)  # the best smoothed value seen: the budget only gets stricter
         ref = self.reference.value
         if warming:
-            return Check(metric, self.smoothed, noise, ref, 0.0, 0.0, 0.0, False, True)
+            if not self.fixed:
+                self._fix_reference(metric, steer, progress)
+            return Check(metric, self.smoothed, noise, ref, 0.0, 0.0, 0.0, False, True, "reference")
         if kind == "accuracy":
             drop, slack, within = self._steer_accuracy(metric, steer, improving)
         elif kind == "size":
@@ -144,7 +188,8 @@ class BudgetController:
             drop, slack, within = 0.0, 0.0, True
         low, high = math.log(self.initial_weight / 1000), math.log(self.initial_weight * 1000)
         self.log_weight = min(max(self.log_weight, low), high)
-        return Check(metric, self.smoothed, noise, ref, drop, slack, self.weight, within, False)
+        phase = "compress" if steer else "cooldown"
+        return Check(metric, self.smoothed, noise, ref, drop, slack, self.weight, within, False, phase)
 
     def _steer_accuracy(self, metric: float, steer: bool, improving: bool) -> tuple[float, float, bool]:
         max_drop = float(self.budget.max_drop or 0.0)
@@ -171,20 +216,25 @@ class BudgetController:
         return 0.0, slack, size <= target
 
     def state_dict(self) -> dict[str, Any]:
-        noise = self.noise.state_dict()
         return {
             "log_weight": self.log_weight,
             "reference": self.reference.value,
             "smoothed": self.smoothed,
-            "last": noise["last"],
-            "noise": noise["noise"],
+            **self.noise.state_dict(),
+            "noise": self.noise.value,
             "checks": self.checks,
+            "fixed": self.fixed,
+            "plateau": self.plateau.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.log_weight, self.smoothed, self.checks = state["log_weight"], state["smoothed"], state["checks"]
         self.reference.value = state["reference"]
         self.noise.load_state_dict(state)
+        # a 0.3 checkpoint has no phase: its warm-up ended after `warmup_checks` checks
+        self.fixed = bool(state.get("fixed", self.fixed or self.checks >= self.budget.warmup_checks))
+        if "plateau" in state:
+            self.plateau.load_state_dict(state["plateau"])
 
 
 @dataclass(frozen=True)
@@ -224,11 +274,23 @@ class BudgetTracker:
         self.best: dict[str, float] | None = None  # metric, bytes, bits_per_weight, drop, step of the state kept
         self.closest: dict[str, float] | None = None  # the check nearest the budget, while none met it
         self.closest_state: dict[str, Any] | None = None
+        self.reference_step: int | None = None  # the step at which the reference phase ended
 
-    def observe(self, metric: float, nbytes: float, bits_per_weight: float, step: int, steer: bool = True) -> Verdict:
-        """One check (see the class docstring). ``steer=False``: the weight stays (the cool-down)."""
+    def observe(
+        self,
+        metric: float,
+        nbytes: float,
+        bits_per_weight: float,
+        step: int,
+        steer: bool = True,
+        progress: float | None = None,
+    ) -> Verdict:
+        """One check (see the class docstring). ``steer=False``: the weight stays (the cool-down); ``progress``: the
+        share of the training steps done."""
         size = nbytes if self.budget.target_bytes is not None else bits_per_weight
-        check = self.controller.update(metric, size, steer)
+        check = self.controller.update(metric, size, steer, progress)
+        if self.reference_step is None and self.budget.kind == "accuracy" and not self.controller.warming_up:
+            self.reference_step = step  # the size term is on from the next step
         if check.warming_up or not math.isfinite(metric):
             return Verdict(check)
         seen = {"metric": metric, "bytes": nbytes, "bits_per_weight": bits_per_weight, "drop": check.drop, "step": step}
@@ -280,12 +342,14 @@ class BudgetTracker:
             "best_state": self.best_state,
             "closest": self.closest,
             "closest_state": self.closest_state,
+            "reference_step": self.reference_step,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.controller.load_state_dict(state["controller"])
         self.best, self.best_state, self.closest = state["best"], state["best_state"], state["closest"]
         self.closest_state = state.get("closest_state")
+        self.reference_step = state.get("reference_step")
 
 
 class CoolDown:

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_sgsc.budget import BudgetTracker, CoolDown, Verdict
+from lightning_sgsc.budget import PHASES, BudgetTracker, CoolDown, Verdict
 from lightning_sgsc.config import Budget, Feedback, Losses, Preservation, Quantization, Schedule
 from lightning_sgsc.errors import SGSCRuntimeError, SGSCTypeError, SGSCValueError, describe_rule
 from lightning_sgsc.feedback import FeedbackPolicy, apply_decision, mask_pruned_grads_, repair_
@@ -380,7 +380,14 @@ class SafetyGuidedQuantization(Callback):
             return
         size = model_size(pl_module)
         steer = not self.cooldown.active
-        verdict = self.tracker.observe(value, size.total_bytes, size.bits_per_weight, trainer.global_step, steer)
+        total = trainer.estimated_stepping_batches
+        progress = trainer.global_step / total if 0 < total < float("inf") else None
+        verdict = self.tracker.observe(
+            value, size.total_bytes, size.bits_per_weight, trainer.global_step, steer, progress
+        )
+        if verdict.check.warming_up and not self.tracker.controller.warming_up:  # this check ended the warm-up
+            reference = self.tracker.controller.reference.value
+            rank_zero_info(f"[sgsc] budget reference {reference} fixed at step {trainer.global_step}; compressing")
         self.last_verdict = verdict
         if verdict.keep is not None:
             self.tracker.keep(verdict, {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()})
@@ -407,14 +414,21 @@ class SafetyGuidedQuantization(Callback):
 
     def budget_metrics(self) -> dict[str, float]:
         """What the callback logs of the budget (under ``sgsc/``): the weight in force, the last check's slack, the
-        channels repaired, the bytes of the best state kept."""
+        channels repaired, the bytes of the best state kept, the phase (0 reference, 1 compress, 2 cool-down), the
+        reference and the step it was fixed at (once it is)."""
         if self.tracker is None or self.last_verdict is None:
             return {}
         out = {
             "sgsc/bit_weight": self.loss_weights(0)["bits"] if self.cooldown.active else self.last_verdict.weight,
             "sgsc/budget_slack": self.last_verdict.check.slack,
             "sgsc/repaired_channels": float(self.repaired),
+            "sgsc/phase": float(PHASES.index("cooldown" if self.cooldown.active else self.last_verdict.check.phase)),
         }
+        reference = self.tracker.controller.reference.value
+        if reference is not None:
+            out["sgsc/reference"] = float(reference)
+        if self.tracker.reference_step is not None:
+            out["sgsc/reference_step"] = float(self.tracker.reference_step)
         if self.tracker.best is not None:
             out["sgsc/best_bytes"] = float(self.tracker.best["bytes"])
         return out
@@ -445,6 +459,7 @@ class SafetyGuidedQuantization(Callback):
         ctl = self.tracker.controller
         return {
             "reference": ctl.reference.value,
+            "reference_step": self.tracker.reference_step,
             "best": self.tracker.best,
             "closest": self.tracker.closest,
             "bit_weight": ctl.weight,

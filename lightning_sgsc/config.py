@@ -320,10 +320,15 @@ class Budget:
         mode: ``"max"`` or ``"min"``: whether a larger ``monitor`` is better (required with ``monitor``).
         drop_type: ``"absolute"`` (in the metric's units) or ``"relative"`` (a share of the reference).
         reference_value: the float model's value, when known (e.g. its validation accuracy); ``None``: found in the
-            run, from the first ``warmup_checks`` checks on (the best smoothed value seen).
+            same fit: the size term stays off until the metric reaches its plateau (its trend gains no more than its
+            measurement noise, or half the budget), and the reference is the best smoothed value seen, raised by any
+            later better one.
         target_bytes: a size budget: the most accurate model of at most these bytes.
         target_bits_per_weight: a size budget in average bits per weight instead.
-        warmup_checks: checks trained without the size term first (at least 1 without ``reference_value``).
+        warmup_checks: checks trained without the size term first (at least 1 without ``reference_value``; then the
+            fewest checks before the plateau may fix the reference).
+        reference_fraction: without ``reference_value``: the share of the training steps by which the reference is
+            fixed at the latest, plateau or not (less than ``1 - cooldown_fraction``).
         cooldown_fraction: the last share of the training steps with the size term off, bit depths frozen and no
             restore or prune, so the weights settle at their final precision; with a budget, only the cool-down's
             checks compete for the state held at fit end. Works without a budget too.
@@ -341,6 +346,7 @@ class Budget:
     target_bytes: int | None = None
     target_bits_per_weight: float | None = None
     warmup_checks: int = 1
+    reference_fraction: float = 0.5
     cooldown_fraction: float = 0.0
     keep_best: bool = True
     best_state_path: str | None = None
@@ -385,6 +391,13 @@ class Budget:
                 + " The reference is established during the warm-up (size term off)."
             )
         check_number("budget.cooldown_fraction", self.cooldown_fraction, 0.0, 1.0)
+        check_number("budget.reference_fraction", self.reference_fraction, 0.0, 1.0, lo_open=True)
+        if self.max_drop is not None and ref is None and self.reference_fraction >= 1 - self.cooldown_fraction:
+            rule = f"< 1 - cooldown_fraction = {1 - self.cooldown_fraction:g} without a reference_value"
+            raise SGSCValueError(
+                describe_rule("budget.reference_fraction", rule, self.reference_fraction)
+                + " The reference is fixed before the cool-down, so that the fit has steps left to compress."
+            )
         check_bool("budget.keep_best", self.keep_best)
         if self.best_state_path is not None and not isinstance(self.best_state_path, (str, os.PathLike)):
             raise SGSCTypeError(

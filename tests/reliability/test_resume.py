@@ -16,7 +16,9 @@ class InOrder(TinyClassifier):
         return DataLoader(self.data, batch_size=16)
 
 
-BUDGET = Budget(max_drop=0.1, monitor="val/acc", mode="max", warmup_checks=1, cooldown_fraction=0.2)
+BUDGET = Budget(
+    max_drop=0.1, monitor="val/acc", mode="max", warmup_checks=1, reference_fraction=0.25, cooldown_fraction=0.2
+)
 
 
 def _callback(budget: bool = False) -> SafetyGuidedQuantization:
