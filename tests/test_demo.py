@@ -32,6 +32,19 @@ def test_demo_runs_end_to_end_and_writes_the_json(tmp_path, capsys):
     assert f"{written['onnx_bytes']:,} bytes" in printed and f"{written['compressed_bytes']:,} bytes" in printed
 
 
+def test_the_demo_in_one_fit_has_no_reference_value_and_reports_the_one_it_found(tmp_path, capsys):
+    from lightning_sgsc.demo import main
+
+    out = tmp_path / "one_fit.json"
+    result = main(["--one-fit", "--epochs", "2", "--compress-epochs", "2", "--json", str(out)])
+    written = json.loads(out.read_text())
+    assert "reference_value" not in written["settings"]["budget"]  # the callback's budget arguments only
+    assert written["epochs"] == 4 and written["compress_epochs"] == 0  # one fit, as long as both steps
+    assert written["reference"] is not None and written["reference_step"] is not None
+    assert result["reference"] == written["reference"]
+    assert f"fixed at step {written['reference_step']}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
