@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments" / "bench"))
 
 import budget_front  # noqa: E402
+import budget_one_fit  # noqa: E402
+import budget_peers  # noqa: E402
 import overhead  # noqa: E402
 import peers  # noqa: E402
 import preservation_every  # noqa: E402
@@ -436,3 +438,90 @@ def test_the_budget_front_groups_runs_by_budget_and_measures_each_against_its_ow
     budget_front.main()
     out = capsys.readouterr().out
     assert "mean -0.50 points at 3.0 KB (3.00 % of float32)" in out and (tmp_path / "front.png").stat().st_size > 0
+
+
+def _peer_run(method: str, setting: float, seed: int, acc: float, nbytes: int) -> dict:
+    return {
+        "method": method,
+        "setting": setting,
+        "run": f"{method}-{setting:g}",
+        "seed": seed,
+        "steps": 100,
+        "test_metric_name": "test/acc",
+        "test_metric": acc,
+        "float_test": 0.9,
+        "file_bytes": nbytes,
+        "float32_bytes": 1_686_568,
+        "train_seconds": 1.0,
+    }
+
+
+def test_budget_peers_summary_checks_the_front_and_the_ratio_at_the_most_accurate_peer(tmp_path, capsys):
+    runs = [
+        _peer_run("sgsc", 0.01, 0, 0.90, 10_000),
+        _peer_run("sgsc", 0.01, 1, 0.88, 12_000),
+        _peer_run("diffq", 2.0, 0, 0.89, 100_000),
+        _peer_run("diffq", 2.0, 1, 0.88, 120_000),
+        _peer_run("brevitas", 2, 0, 0.80, 8_000),
+        _peer_run("brevitas", 2, 1, 0.80, 8_000),
+    ]
+    for r in runs:
+        (tmp_path / f"{r['run']}-seed{r['seed']}.json").write_text(json.dumps(r))
+    got = budget_peers.summarize(tmp_path, tmp_path / "front.png")
+    out = capsys.readouterr().out
+    # diffq (mean 88.5 % at 110 KB) is beaten by ours (89 % at 11 KB): 10x smaller at its accuracy
+    assert got["ratio_at_top_peer"] == pytest.approx(110_000 / 11_000)
+    # brevitas-2 is smaller than any of ours: not matched, so the front is not all ours
+    assert got["all_matched"] is False and got["runs"] == 6 and got["points"] == 3
+    assert "| brevitas-2 | closest:" not in out and "| diffq-2 | sgsc-0.01 | yes |" in out
+    assert (tmp_path / "front.png").stat().st_size > 0
+
+
+def test_budget_peers_summary_says_when_none_of_ours_is_as_accurate_as_the_best_peer(tmp_path, capsys):
+    for r in (_peer_run("sgsc", 0.03, 0, 0.85, 5_000), _peer_run("torchao", 8, 0, 0.90, 400_000)):
+        (tmp_path / f"{r['run']}-seed0.json").write_text(json.dumps(r))
+    got = budget_peers.summarize(tmp_path)
+    assert got["ratio_at_top_peer"] is None and got["all_matched"] is False
+    assert "none of ours is as accurate (best: sgsc-0.03 85.00 %" in capsys.readouterr().out
+
+
+def test_budget_peers_summary_refuses_a_folder_without_results(tmp_path):
+    with pytest.raises(SystemExit, match=r"must name a folder of budget_peers\.py results"):
+        budget_peers.summarize(tmp_path)
+
+
+def test_torchao_bytes_pack_the_linear_layers_and_keep_the_convolutions_float():
+    from lightning_sgsc.examples import FashionCNN
+
+    net = FashionCNN()
+    convs = 4 * sum(p.numel() for name, p in net.named_parameters() if name.startswith("conv"))
+    fc1 = 128 * 3136 * 4 // 8 + 4 * 128 * (3136 // 32) + 4 * 128
+    fc2 = 10 * 128 * 4 // 8 + 4 * 10 * (128 // 32) + 4 * 10
+    assert budget_peers.torchao_bytes(net, 4, 32) == convs + fc1 + fc2
+    per_channel = 128 * 3136 + 4 * 128 + 4 * 128 + 10 * 128 + 4 * 10 + 4 * 10
+    assert budget_peers.torchao_bytes(net, 8, None) == convs + per_channel
+
+
+def _one_fit_run(seed: int, float_test: float, two: tuple[float, int], one: tuple[float, int]) -> dict:
+    return {
+        "task": "fashion_cnn",
+        "seed": seed,
+        "max_drop": 0.01,
+        "steps": 100,
+        "float32_bytes": 1000,
+        "float": {"test": float_test, "bytes": 1000},
+        "float_half": {"test": float_test - 0.01, "bytes": 1000},
+        "two_step": {"test": two[0], "bytes": two[1]},
+        "one_fit": {"test": one[0], "bytes": one[1]},
+    }
+
+
+def test_budget_one_fit_summary_prints_each_seed_and_the_means_against_the_float_model(tmp_path, capsys):
+    for r in (_one_fit_run(0, 0.90, (0.89, 100), (0.90, 120)), _one_fit_run(1, 0.80, (0.80, 50), (0.79, 80))):
+        (tmp_path / f"fashion_cnn-md0.01-seed{r['seed']}.json").write_text(json.dumps(r))
+    budget_one_fit.summarize(tmp_path)
+    out = capsys.readouterr().out
+    assert "two-step: -1.00 at 0.1 KB, +0.00 at 0.1 KB; mean -0.50 points at 0.1 KB (7.50 % of float32)" in out
+    assert "one fit: +0.00 at 0.1 KB, -1.00 at 0.1 KB; mean -0.50 points at 0.1 KB (10.00 % of float32)" in out
+    with pytest.raises(SystemExit, match=r"must name a folder of budget_one_fit\.py results"):
+        budget_one_fit.summarize(tmp_path / "missing")

@@ -15,6 +15,10 @@ Per seed, with ``budget_finetune.py``'s setups (``--task``) and ``--steps`` S (d
 
 Both are judged on test against the float model trained 2 S steps (the two-step also against its start). The test
 split is read once per model, at the end. One line per model; ``--out``: one JSON file per seed.
+
+    python experiments/bench/budget_one_fit.py --summary experiments/results/budget/one_fit   # the table, per seed
+
+``--summary`` reads those files and prints, per task and budget, each seed and the means (no training).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import copy
 import json
 import logging
+import statistics
 import tempfile
 import time
 import warnings
@@ -64,14 +69,42 @@ def _evaluate(module: pl.LightningModule, data: Any, metric: str, callback: Any 
     return {"val": float(val), "test": float(test), "bytes": nbytes}
 
 
+def summarize(folder: Path) -> None:
+    """Per task and budget: each seed's change against the float model trained as long, and the means."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for path in sorted(folder.glob("*-md*-seed*.json")):
+        r = json.loads(path.read_text())
+        groups.setdefault((r["task"], r["max_drop"]), []).append(r)
+    if not groups:
+        raise SystemExit(f"`--summary` must name a folder of budget_one_fit.py results, got {str(folder)!r}.")
+    for (task, max_drop), runs in sorted(groups.items()):
+        acc = TASKS[task]["metric"] == "acc"
+        scale, unit, digits = (100, "points", 2) if acc else (1, "nats", 4)
+        print(f"{task}, max_drop {max_drop:g}, seeds {[r['seed'] for r in runs]} (change of test {unit} against float)")
+        for name, label in (("float_half", "float, S steps"), ("two_step", "two-step"), ("one_fit", "one fit")):
+            changes = [scale * (r[name]["test"] - r["float"]["test"]) for r in runs]
+            sizes = [r[name]["bytes"] for r in runs]
+            cells = ", ".join(f"{c:+.{digits}f} at {b / 1000:.1f} KB" for c, b in zip(changes, sizes, strict=True))
+            fraction = statistics.mean(b / r["float32_bytes"] for b, r in zip(sizes, runs, strict=True))
+            print(
+                f"  {label:>14}: {cells}; mean {statistics.mean(changes):+.{digits}f} {unit} at"
+                f" {statistics.mean(sizes) / 1000:.1f} KB ({100 * fraction:.2f} % of float32)"
+            )
+        floats = ", ".join(f"{scale * r['float']['test']:.{digits}f}" for r in runs)
+        print(f"  float, 2 S steps, test: {floats}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--summary", type=Path, default=None, help="print the table of a results folder and stop")
     parser.add_argument("--task", choices=sorted(TASKS), default="fashion_cnn")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-drop", type=float, default=0.01)
     parser.add_argument("--steps", type=int, default=10_000, help="S: the two-step's float and fine-tune steps")
     parser.add_argument("--out", type=Path, default=None, help="folder for <task>-md<max_drop>-seed<N>.json")
     args = parser.parse_args()
+    if args.summary is not None:
+        return summarize(args.summary)
     task, steps = TASKS[args.task], args.steps
     metric = task["metric"]
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
