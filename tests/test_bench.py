@@ -525,3 +525,21 @@ def test_budget_one_fit_summary_prints_each_seed_and_the_means_against_the_float
     assert "one fit: +0.00 at 0.1 KB, -1.00 at 0.1 KB; mean -0.50 points at 0.1 KB (10.00 % of float32)" in out
     with pytest.raises(SystemExit, match=r"must name a folder of budget_one_fit\.py results"):
         budget_one_fit.summarize(tmp_path / "missing")
+
+
+def test_budget_peers_float_model_is_the_seeds_own_and_is_kept_in_the_cache(tmp_path, monkeypatch):
+    import torch
+
+    from lightning_sgsc.examples import ClassifierModule, FashionCNN
+
+    task = {"data": lambda seed: peers.RandomImages(n=128), "module": lambda: ClassifierModule(FashionCNN())}
+    monkeypatch.setattr(budget_peers, "TASK", task)
+    first, scores = budget_peers.float_model(0, 2, tmp_path / "a")
+    torch.manual_seed(123)  # whatever the generator's state, the seed decides the model
+    again, _ = budget_peers.float_model(0, 2, tmp_path / "b")
+    other, _ = budget_peers.float_model(1, 2, tmp_path / "c")
+    cached, cached_scores = budget_peers.float_model(0, 2, tmp_path / "a")
+    a, b, c, d = (m.state_dict() for m in (first, again, other, cached))
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], d[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert cached_scores == scores and set(scores) == {"val", "test"}

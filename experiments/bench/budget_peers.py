@@ -74,13 +74,13 @@ EVERY = 1000
 def float_model(seed: int, steps: int, cache: Path) -> tuple[ClassifierModule, dict[str, float]]:
     """``budget_finetune.py``'s float model of ``seed`` and its validation/test accuracy, trained once per cache."""
     path = cache / f"fashion_cnn-seed{seed}-steps{steps}.pt"
+    pl.seed_everything(seed, verbose=False)  # before the module: its initial weights are the seed's
+    data = TASK["data"](seed)
     module = TASK["module"]()
     if path.exists():
         saved = torch.load(path, weights_only=True)
         module.load_state_dict(saved["state"])
         return module, saved["scores"]
-    pl.seed_everything(seed, verbose=False)
-    data = TASK["data"](seed)
     trainer = quiet_trainer(-1, [], max_steps=steps, val_check_interval=min(EVERY, steps), check_val_every_n_epoch=None)
     trainer.fit(module, data)
     scores = {
