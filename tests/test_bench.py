@@ -440,7 +440,7 @@ def test_the_budget_front_groups_runs_by_budget_and_measures_each_against_its_ow
     assert "mean -0.50 points at 3.0 KB (3.00 % of float32)" in out and (tmp_path / "front.png").stat().st_size > 0
 
 
-def _peer_run(method: str, setting: float, seed: int, acc: float, nbytes: int) -> dict:
+def _budget_peer_run(method: str, setting: float, seed: int, acc: float, nbytes: int) -> dict:
     return {
         "method": method,
         "setting": setting,
@@ -458,12 +458,12 @@ def _peer_run(method: str, setting: float, seed: int, acc: float, nbytes: int) -
 
 def test_budget_peers_summary_checks_the_front_and_the_ratio_at_the_most_accurate_peer(tmp_path, capsys):
     runs = [
-        _peer_run("sgsc", 0.01, 0, 0.90, 10_000),
-        _peer_run("sgsc", 0.01, 1, 0.88, 12_000),
-        _peer_run("diffq", 2.0, 0, 0.89, 100_000),
-        _peer_run("diffq", 2.0, 1, 0.88, 120_000),
-        _peer_run("brevitas", 2, 0, 0.80, 8_000),
-        _peer_run("brevitas", 2, 1, 0.80, 8_000),
+        _budget_peer_run("sgsc", 0.01, 0, 0.90, 10_000),
+        _budget_peer_run("sgsc", 0.01, 1, 0.88, 12_000),
+        _budget_peer_run("diffq", 2.0, 0, 0.89, 100_000),
+        _budget_peer_run("diffq", 2.0, 1, 0.88, 120_000),
+        _budget_peer_run("brevitas", 2, 0, 0.80, 8_000),
+        _budget_peer_run("brevitas", 2, 1, 0.80, 8_000),
     ]
     for r in runs:
         (tmp_path / f"{r['run']}-seed{r['seed']}.json").write_text(json.dumps(r))
@@ -478,7 +478,7 @@ def test_budget_peers_summary_checks_the_front_and_the_ratio_at_the_most_accurat
 
 
 def test_budget_peers_summary_says_when_none_of_ours_is_as_accurate_as_the_best_peer(tmp_path, capsys):
-    for r in (_peer_run("sgsc", 0.03, 0, 0.85, 5_000), _peer_run("torchao", 8, 0, 0.90, 400_000)):
+    for r in (_budget_peer_run("sgsc", 0.03, 0, 0.85, 5_000), _budget_peer_run("torchao", 8, 0, 0.90, 400_000)):
         (tmp_path / f"{r['run']}-seed0.json").write_text(json.dumps(r))
     got = budget_peers.summarize(tmp_path)
     assert got["ratio_at_top_peer"] is None and got["all_matched"] is False
