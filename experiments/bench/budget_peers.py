@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import pickle
 import platform
 import tempfile
@@ -88,7 +89,9 @@ def float_model(seed: int, steps: int, cache: Path) -> tuple[ClassifierModule, d
         "test": float(trainer.test(module, data, verbose=False)[0]["test/acc"]),
     }
     cache.mkdir(parents=True, exist_ok=True)
-    torch.save({"state": module.state_dict(), "scores": scores}, path)
+    partial = path.with_suffix(f".{os.getpid()}.partial")  # whole or absent: a reader never sees half a file
+    torch.save({"state": module.state_dict(), "scores": scores}, partial)
+    partial.replace(path)
     return module, scores
 
 
