@@ -47,8 +47,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from budget_finetune import TASKS
-from peers import aggregate, dominated_check, markdown
-from torch import Tensor, nn
+from peers import DiffQModule, aggregate, dominated_check, markdown, pruned_int8_bytes
+from torch import nn
 
 from lightning_sgsc import SafetyGuidedQuantization
 from lightning_sgsc.demo import DEMO_BUDGET, DEMO_SETTINGS
@@ -111,29 +111,8 @@ def _ours(start: ClassifierModule, max_drop: float, seed: int, reference: float)
     return start, [callback], size
 
 
-class DiffQModule(ClassifierModule):
-    """A float ClassifierModule fine-tuned with DiffQ: noisy quantization in training, true quantization in eval."""
-
-    def __init__(self, net: nn.Module, penalty: float) -> None:
-        super().__init__(net, lr=1e-3)
-        from diffq import DiffQuantizer
-
-        self.penalty = penalty
-        self.quantizer = DiffQuantizer(self.net, group_size=8, min_size=0.0, exclude=["*bias"])
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return super().training_step(batch, batch_idx) + self.penalty * self.quantizer.model_size()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        logits = {id(qp.logit) for qp in self.quantizer._qparams}  # DiffQ adds its own group for them
-        weights = [p for p in self.net.parameters() if id(p) not in logits]
-        opt = torch.optim.AdamW(weights, lr=self.lr, weight_decay=self.weight_decay)
-        self.quantizer.setup_optimizer(opt)
-        return opt
-
-
 def _diffq(start: ClassifierModule, penalty: float) -> tuple[Any, list[Any], Any]:
-    module = DiffQModule(start.net, penalty)
+    module = DiffQModule(penalty, start.net)
 
     def size(model: DiffQModule) -> int:
         return len(pickle.dumps(model.quantizer.get_quantized_state(packed=True)))
@@ -210,19 +189,7 @@ def _pruning(start: ClassifierModule, sparsity: float) -> tuple[Any, list[Any], 
         "l1_unstructured", amount=lambda epoch: step if epoch < 2 else 0.0, use_global_unstructured=True, verbose=0
     )
 
-    def size(model: ClassifierModule) -> int:
-        total = 0
-        with torch.no_grad():
-            for name in LAYERS:
-                layer: Any = getattr(model.net, name)
-                w = layer.weight.reshape(layer.weight.shape[0], -1)
-                scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
-                q = torch.round(w / scale).clamp(-127, 127)
-                layer.weight.copy_((q * scale).reshape(layer.weight.shape))  # the int8 model is what is tested
-                total += math.ceil(q.numel() / 8) + int((q != 0).sum()) + 4 * scale.numel() + 4 * layer.bias.numel()
-        return total
-
-    return start, [pruning], size
+    return start, [pruning], pruned_int8_bytes
 
 
 def available(method: str) -> bool:

@@ -172,8 +172,8 @@ def _ours(
 class DiffQModule(ClassifierModule):
     """ClassifierModule + DiffQ: noise-injection quantization in training, true quantization in eval mode."""
 
-    def __init__(self, penalty: float) -> None:
-        super().__init__(FashionCNN())
+    def __init__(self, penalty: float, net: nn.Module | None = None) -> None:
+        super().__init__(FashionCNN() if net is None else net)
         from diffq import DiffQuantizer
 
         self.penalty = penalty
@@ -229,6 +229,21 @@ def _brevitas(setting: float) -> tuple[pl.LightningModule, list[pl.Callback], Ca
     return module, [], size
 
 
+@torch.no_grad()
+def pruned_int8_bytes(model: pl.LightningModule) -> int:
+    """Replaces the FashionCNN's weights by their int8 per-channel quantization (the model that is tested) and returns
+    what it ships: a one-bit occupancy mask + the int8 non-zeros + float32 scales and biases."""
+    total = 0
+    for name in ("conv1", "conv2", "fc1", "fc2"):
+        layer: Any = getattr(model.net, name)
+        w = layer.weight.reshape(layer.weight.shape[0], -1)
+        scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
+        q = torch.round(w / scale).clamp(-127, 127)
+        layer.weight.copy_((q * scale).reshape(layer.weight.shape))
+        total += math.ceil(q.numel() / 8) + int((q != 0).sum()) + 4 * scale.numel() + 4 * layer.bias.numel()
+    return total
+
+
 def _pruning(setting: float) -> tuple[pl.LightningModule, list[pl.Callback], Callable[..., int]]:
     from lightning.pytorch.callbacks import ModelPruning
 
@@ -238,19 +253,7 @@ def _pruning(setting: float) -> tuple[pl.LightningModule, list[pl.Callback], Cal
         "l1_unstructured", amount=lambda epoch: step if epoch < 2 else 0.0, use_global_unstructured=True, verbose=0
     )
 
-    def size(model: ClassifierModule) -> int:
-        total = 0
-        with torch.no_grad():
-            for name in ("conv1", "conv2", "fc1", "fc2"):
-                layer: Any = getattr(model.net, name)
-                w = layer.weight.reshape(layer.weight.shape[0], -1)
-                scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
-                q = torch.round(w / scale).clamp(-127, 127)
-                layer.weight.copy_((q * scale).reshape(layer.weight.shape))  # the int8 model is what is tested
-                total += math.ceil(q.numel() / 8) + int((q != 0).sum()) + 4 * scale.numel() + 4 * layer.bias.numel()
-        return total
-
-    return module, [pruning], size
+    return module, [pruning], pruned_int8_bytes
 
 
 def build(
