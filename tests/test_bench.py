@@ -490,6 +490,24 @@ def test_budget_peers_summary_refuses_a_folder_without_results(tmp_path):
         budget_peers.summarize(tmp_path)
 
 
+def test_budget_peers_plan_resumes_a_stopped_sweep_seed_by_seed_ours_first(tmp_path):
+    (tmp_path / "sgsc-0.003-seed0.json").write_text("{}")  # ran before the sweep stopped
+    jobs = budget_peers.plan(["pruning", "sgsc"], [0, 1], 7, tmp_path)
+    names = [f"{method}-{setting:g}-seed{seed}" for method, setting, seed, _, _ in jobs]
+    assert names == [
+        "sgsc-0.01-seed0",
+        "sgsc-0.03-seed0",
+        "pruning-0.8-seed0",
+        "pruning-0.95-seed0",
+        "sgsc-0.003-seed1",
+        "sgsc-0.01-seed1",
+        "sgsc-0.03-seed1",
+        "pruning-0.8-seed1",
+        "pruning-0.95-seed1",
+    ]
+    assert all(steps == 7 and out == tmp_path for _, _, _, steps, out in jobs)
+
+
 def test_torchao_bytes_pack_the_linear_layers_and_keep_the_convolutions_float():
     from lightning_sgsc.examples import FashionCNN
 

@@ -1,6 +1,6 @@
 """The budget on the same front as the peers: each method fine-tunes the same float FashionCNN for the same steps.
 
-    OMP_NUM_THREADS=1 python experiments/bench/budget_peers.py --seed 0 --jobs 2 --out experiments/results/budget/peers
+    OMP_NUM_THREADS=1 python experiments/bench/budget_peers.py --seeds 0,1,2 --jobs 2
     python experiments/bench/budget_peers.py --summary experiments/results/budget/peers   # table, check, front.png
 
 Per seed, the float model is ``budget_finetune.py``'s (``--steps`` S steps of FashionCNN on Fashion-MNIST, batch 64,
@@ -21,9 +21,11 @@ fine-tunes S more steps, validation every 1,000 steps, then is sized as the file
   non-zeros + float32 scales and biases.
 
 One JSON file per run (``<method>-<setting>-seed<N>.json``), written as it ends, so that a stopped sweep keeps what
-ran. ``--summary`` reads them: the means over the seeds each point ran, per seed, the check that every peer point is
-matched or beaten by one of ours (no more bytes, no less accuracy: ``peers.py``'s check), the ratio of bytes at the
-most accurate peer point's accuracy, and the front plot.
+ran; a run whose file is already in ``--out`` is not run again (the sweep resumes). The float models are trained
+first, one job per seed; then the runs, seed by seed, the longest (ours) first. ``--summary`` reads the files: the
+means over the seeds each point ran, per seed, the check that every peer point is matched or beaten by one of ours
+(no more bytes, no less accuracy: ``peers.py``'s check), the ratio of bytes at the most accurate peer point's
+accuracy, and the front plot.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from budget_finetune import TASKS
-from peers import DiffQModule, aggregate, dominated_check, markdown, pruned_int8_bytes
+from peers import DiffQModule, aggregate, dominated_check, markdown, parse_seeds, pruned_int8_bytes
 from torch import nn
 
 from lightning_sgsc import SafetyGuidedQuantization
@@ -255,6 +257,26 @@ def _run_job(job: tuple[Any, ...]) -> dict[str, Any]:
     return run_one(*job)
 
 
+def _float_job(job: tuple[int, int, Path]) -> dict[str, float]:
+    torch.set_num_threads(1)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    return float_model(*job)[1]
+
+
+def plan(methods: list[str], seeds: list[int], steps: int, out: Path) -> list[tuple[Any, ...]]:
+    """The runs still to make, seed by seed and in ``POINTS``' order (ours, the longest, first): a run whose JSON is
+    already in ``out`` is left out."""
+    return [
+        (method, setting, seed, steps, out)
+        for seed in seeds
+        for method in POINTS
+        if method in methods
+        for setting in POINTS[method]
+        if not (out / f"{method}-{setting:g}-seed{seed}.json").exists()
+    ]
+
+
 def summarize(folder: Path, plot_path: Path | None = None) -> dict[str, Any]:
     """The means per point, the peers' check and the bytes ratio at the most accurate peer's accuracy; the plot."""
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*-seed*.json"))]
@@ -341,7 +363,7 @@ def _plot(points: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--summary", type=Path, default=None, help="print the table of a results folder and stop")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=parse_seeds, default=[0], help="comma-separated, e.g. 0,1,2")
     parser.add_argument("--steps", type=int, default=10_000, help="the float model's steps and every fine-tune's")
     parser.add_argument("--methods", default=",".join(POINTS), help=f"comma-separated, of {', '.join(POINTS)}")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each a process with 1 thread")
@@ -360,15 +382,17 @@ def main() -> None:
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    _, scores = float_model(args.seed, args.steps, args.cache)  # once, before the jobs share it
-    print(f"seed {args.seed}: float {100 * scores['test']:.2f} % (val {100 * scores['val']:.2f} %)", flush=True)
-    jobs = []
-    for method in methods:
-        if not available(method):
-            print(f"{method}: not installed (pip install {method}), skipped", flush=True)
-            continue
-        jobs += [(method, setting, args.seed, args.steps, args.cache, args.out) for setting in POINTS[method]]
+    missing = [m for m in methods if not available(m)]
+    for method in missing:
+        print(f"{method}: not installed (pip install {method}), skipped", flush=True)
+    jobs = plan([m for m in methods if m not in missing], args.seeds, args.steps, args.out)
+    print(f"{len(jobs)} runs to make ({args.out} holds the others)", flush=True)
     pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
+    # the float models first, one job per seed, before any run reads them from the cache
+    floats = pool.map(_float_job, [(seed, args.steps, args.cache) for seed in args.seeds])
+    for seed, scores in zip(args.seeds, floats, strict=True):
+        print(f"seed {seed}: float {100 * scores['test']:.2f} % (val {100 * scores['val']:.2f} %)", flush=True)
+    jobs = [(method, setting, seed, steps, args.cache, out) for method, setting, seed, steps, out in jobs]
     for r in pool.map(_run_job, jobs):
         print(
             f"{r['run']:>14} seed {r['seed']}: {100 * r['test_metric']:.2f} %"
