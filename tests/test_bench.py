@@ -225,6 +225,14 @@ def test_an_unmatched_peer_is_compared_with_our_most_accurate_point_no_larger_se
     assert "| brevitas-8 | closest: sgsc-0.01 | no | -0.50 points | +1.00, -2.00 |" in text
 
 
+def test_a_peer_smaller_than_every_point_of_ours_says_ours_is_larger_only():
+    runs = [_peer_run("sgsc", 0.01, 0, 0.90, 500), _peer_run("pruning", 0.95, 0, 0.85, 100)]
+    (check,) = peers.dominated_check(peers.aggregate(runs))
+    assert check["matched"] is False and check["ours"] == "sgsc-0.01" and check["closest"] is None
+    text = peers.markdown(peers.aggregate(runs), [check], "header")
+    assert "| pruning-0.95 | larger only: sgsc-0.01 | no | +5.00 points | — |" in text
+
+
 def test_peers_from_a_saved_file_rechecks_its_runs_without_training(tmp_path, monkeypatch, capsys):
     runs = [_peer_run("sgsc", 0.1, 0, 0.90, 100), _peer_run("sgsc", 0.1, 1, 0.88, 100)]
     runs += [_peer_run("brevitas", 4, 0, 0.87, 200), _peer_run("brevitas", 4, 1, 0.89, 200)]

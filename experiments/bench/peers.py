@@ -448,8 +448,10 @@ def markdown(points: list[dict[str, Any]], checks: list[dict[str, Any]], header:
         "|---|---|---|---|---|",
     ]
     for c in checks:
-        if c["matched"] or c["closest"] is None:
+        if c["matched"]:
             compared, margin = c["ours"], c["margin"]
+        elif c["closest"] is None:  # every point of ours is larger: the one as accurate (if any) is named as such
+            compared, margin = (f"larger only: {c['ours']}" if c["ours"] else None), c["margin"]
         else:
             compared, margin = f"closest: {c['closest']}", c["closest_margin"]
         per_seed = ", ".join(f"{m:+.2f}" for m in c["per_seed"] or []) or "—"
