@@ -482,6 +482,7 @@ def test_budget_peers_summary_checks_the_front_and_the_ratio_at_the_most_accurat
     # brevitas-2 is smaller than any of ours: not matched, so the front is not all ours
     assert got["all_matched"] is False and got["runs"] == 6 and got["points"] == 3
     assert "| brevitas-2 | closest:" not in out and "| diffq-2 | sgsc-0.01 | yes |" in out
+    assert "| point | seed 0 | seed 1 |" in out and "| sgsc-0.01 | 90.00 % at 10.0 KB | 88.00 % at 12.0 KB |" in out
     assert (tmp_path / "front.png").stat().st_size > 0
 
 
@@ -491,6 +492,12 @@ def test_budget_peers_summary_says_when_none_of_ours_is_as_accurate_as_the_best_
     got = budget_peers.summarize(tmp_path)
     assert got["ratio_at_top_peer"] is None and got["all_matched"] is False
     assert "none of ours is as accurate (best: sgsc-0.03 85.00 %" in capsys.readouterr().out
+
+
+def test_budget_peers_per_seed_table_marks_a_seed_a_point_did_not_run():
+    runs = [_budget_peer_run("sgsc", 0.01, 0, 0.9, 12_345), _budget_peer_run("diffq", 2.0, 1, 0.8, 100_000)]
+    text = budget_peers.per_seed_table(runs)
+    assert "| sgsc-0.01 | 90.00 % at 12.3 KB | — |" in text and "| diffq-2 | — | 80.00 % at 100.0 KB |" in text
 
 
 def test_budget_peers_summary_refuses_a_folder_without_results(tmp_path):

@@ -296,6 +296,7 @@ def summarize(folder: Path, plot_path: Path | None = None) -> dict[str, Any]:
         + ", ".join(f"{100 * v:.2f} %" for _, v in sorted(floats.items()))
     )
     print(markdown(points, checks, header))
+    print(per_seed_table(runs))
     peers = [p for p in points if p["method"] != "sgsc"]
     ours = [p for p in points if p["method"] == "sgsc"]
     ratio = None
@@ -327,6 +328,19 @@ def summarize(folder: Path, plot_path: Path | None = None) -> dict[str, Any]:
         _plot(points, plot_path)
     print(json.dumps(summary))
     return summary
+
+
+def per_seed_table(runs: list[dict[str, Any]]) -> str:
+    """Every run's test accuracy and bytes, one row per point, one column per seed (``—``: that seed did not run)."""
+    seeds = sorted({r["seed"] for r in runs})
+    cells: dict[str, dict[int, str]] = {}
+    for r in runs:
+        cells.setdefault(r["run"], {})[r["seed"]] = (
+            f"{100 * r['test_metric']:.2f} % at {r['file_bytes'] / 1000:,.1f} KB"
+        )
+    lines = ["| point | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    lines += [f"| {run} | " + " | ".join(row.get(s, "—") for s in seeds) + " |" for run, row in cells.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _plot(points: list[dict[str, Any]], path: Path) -> None:
