@@ -348,6 +348,7 @@ def _plot(points: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in POINTS:
@@ -363,8 +364,17 @@ def _plot(points: list[dict[str, Any]], path: Path) -> None:
             label="ours (budget)" if method == "sgsc" else method,
         )
         for p in mine:
-            ax.annotate(f"{p['setting']:g}", (p["file_bytes"] / 1000, 100 * p["test_metric"]), fontsize=7)
+            ax.annotate(
+                f"{p['setting']:g}",
+                (p["file_bytes"] / 1000, 100 * p["test_metric"]),
+                fontsize=7,
+                xytext=(4, -9 if method == "pruning" else 3),
+                textcoords="offset points",
+            )
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_xticks([10, 20, 50, 100, 200, 500])
     ax.set_xlabel("shipped bytes, KB (log)")
     ax.set_ylabel("test accuracy, % (mean over seeds)")
     ax.set_title("Fine-tuning the same float FashionCNN, same steps")
