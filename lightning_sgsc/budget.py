@@ -126,7 +126,9 @@ class BudgetController:
         """How much worse ``value`` is than the reference (relative: as a share of it)."""
         return self.reference.drop(value, relative=self.budget.drop_type == "relative")
 
-    def _noise_margin(self) -> float:
+    def noise_margin(self) -> float:
+        """How far inside the budget the smoothed value must be to count as within it beyond doubt: the measurement
+        noise, in the budget's unit (a share of the reference for a relative drop)."""
         ref = self.reference.value
         if self.budget.drop_type == "relative" and ref:
             return self.noise.value / abs(ref)
@@ -196,7 +198,7 @@ class BudgetController:
         assert self.smoothed is not None
         drop = self.drop(self.smoothed)
         slack = max_drop - drop
-        margin = self._noise_margin()
+        margin = self.noise_margin()
         if steer and slack < -margin and not improving:
             # over the budget beyond the noise, and not recovering: lower, twice as fast as it rises (safety first)
             self.log_weight -= 2.0 * self.step * min(1.0, -slack / max_drop)
@@ -275,6 +277,7 @@ class BudgetTracker:
         self.closest: dict[str, float] | None = None  # the check nearest the budget, while none met it
         self.closest_state: dict[str, Any] | None = None
         self.reference_step: int | None = None  # the step at which the reference phase ended
+        self.narrowest_margin: float | None = None  # the smallest noise margin of the checks judged (accuracy budget)
 
     def observe(
         self,
@@ -295,13 +298,21 @@ class BudgetTracker:
             return Verdict(check)
         seen = {"metric": metric, "bytes": nbytes, "bits_per_weight": bits_per_weight, "drop": check.drop, "step": step}
         max_drop = self.budget.max_drop
+        margin = self.controller.noise_margin()
+        measured = self.controller.noise.count > 0  # the first check has no noise estimate yet, not a zero one
+        if (
+            self.budget.kind == "accuracy"
+            and measured
+            and (self.narrowest_margin is None or margin < self.narrowest_margin)
+        ):
+            self.narrowest_margin = margin
         if self.best is not None and max_drop is not None and self.controller.drop(self.best["metric"]) > max_drop:
             self._demote_best()  # the reference rose since that state was kept: by today's reference it is over
         if check.within:
             if self.best is None or self._preferred(metric, nbytes):
                 return Verdict(check, "best", seen)
         elif self.best is None and (self.closest is None or not check.slack <= self.closest["slack"]):
-            return Verdict(check, "closest", {**seen, "slack": check.slack})
+            return Verdict(check, "closest", {**seen, "slack": check.slack, "margin": margin})
         return Verdict(check)
 
     def keep(self, verdict: Verdict, state: dict[str, Any]) -> None:
@@ -326,6 +337,28 @@ class BudgetTracker:
         none comes nearer to it."""
         self._demote_best()
 
+    def why_none_met(self) -> str | None:
+        """Why no state met an accuracy budget, when the measurement noise is the reason (else None): a check is
+        within the budget when its smoothed drop is at most ``max_drop`` less the noise margin, so a closest state
+        inside the budget by less than the margin could not be told from its edge, and a margin as wide as the budget
+        leaves room for no state short of the reference. A closest state over the budget: the noise is not the
+        reason, nothing is said."""
+        max_drop, closest = self.budget.max_drop, self.closest
+        if self.best is not None or self.budget.kind != "accuracy" or max_drop is None or closest is None:
+            return None
+        if closest["slack"] < 0 or "margin" not in closest:
+            return None
+        reason = (
+            f"the closest state was within the budget (max_drop={max_drop:g}) on its smoothed value by"
+            f" {closest['slack']:.4g}, less than the noise margin {closest['margin']:.4g}"
+        )
+        if self.narrowest_margin is not None and self.narrowest_margin >= max_drop:
+            reason += (
+                f", and the margin never fell below {self.narrowest_margin:.4g}, as wide as the budget: no state short"
+                " of the reference could count as within it"
+            )
+        return reason + "; a larger max_drop, or a steadier monitor (more validation data), lets states qualify"
+
     def _preferred(self, metric: float, nbytes: float) -> bool:
         """Whether a state within the budget beats the one kept: for an accuracy budget, smaller (by more than 1 %),
         or as small and better; for a size budget, better."""
@@ -343,6 +376,7 @@ class BudgetTracker:
             "closest": self.closest,
             "closest_state": self.closest_state,
             "reference_step": self.reference_step,
+            "narrowest_margin": self.narrowest_margin,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -350,6 +384,7 @@ class BudgetTracker:
         self.best, self.best_state, self.closest = state["best"], state["best_state"], state["closest"]
         self.closest_state = state.get("closest_state")
         self.reference_step = state.get("reference_step")
+        self.narrowest_margin = state.get("narrowest_margin")
 
 
 class CoolDown:

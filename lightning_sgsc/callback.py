@@ -29,7 +29,7 @@ from typing_extensions import override
 from lightning_sgsc.budget import PHASES, BudgetTracker, CoolDown, Verdict
 from lightning_sgsc.config import Budget, Feedback, Losses, Preservation, Quantization, Schedule
 from lightning_sgsc.errors import SGSCRuntimeError, SGSCTypeError, SGSCValueError, describe_rule
-from lightning_sgsc.feedback import FeedbackPolicy, apply_decision, mask_pruned_grads_, repair_
+from lightning_sgsc.feedback import Action, FeedbackPolicy, apply_decision, mask_pruned_grads_, repair_
 from lightning_sgsc.losses import l1_term, weighted_sum
 from lightning_sgsc.mixin import SafetyGuidedMixin
 from lightning_sgsc.norms import eval_mode
@@ -41,7 +41,7 @@ from lightning_sgsc.quant.modules import QuantizedLayer, followers, quantized_la
 from lightning_sgsc.quant.swap import quantize_, swap_report
 from lightning_sgsc.settings import Settings, resolve_settings
 from lightning_sgsc.signal import Direction
-from lightning_sgsc.size import model_size, size_metrics
+from lightning_sgsc.size import ModelSize, model_size, size_metrics
 
 
 class SafetyGuidedQuantization(Callback):
@@ -117,6 +117,9 @@ class SafetyGuidedQuantization(Callback):
         self.budget_history: list[dict[str, Any]] = []  # budget checks, newest last
         self.last_verdict: Verdict | None = None
         self.repaired = 0
+        # the module's state and size as validation measured them, taken before the feedback changes the module (in
+        # on_validation_epoch_end); the budget check reads the metric later (on_validation_end) and judges this state
+        self._measured: tuple[dict[str, Tensor], ModelSize] | None = None
         self._pending_budget: dict[str, Any] | None = None  # a checkpoint's budget state read before `setup`
         self._layers: list[QuantizedLayer] = []
         self._fused = FusedQuantizer([])
@@ -330,6 +333,8 @@ class SafetyGuidedQuantization(Callback):
             if not math.isfinite(metric):
                 rank_zero_warn(f"[sgsc] preservation metric is {metric}; skipping restore/prune this time.")
             config = self.settings.feedback
+            if self.tracker is not None and decision.action is not Action.SKIP:
+                self._measured = (_state_copy(pl_module), model_size(pl_module))
             with eval_mode(pl_module):
                 scores = lambda: self._restore_scores(trainer, pl_module, config.restore_bits)  # noqa: E731
                 event = apply_decision(pl_module, decision, config, scores, list(trainer.optimizers))
@@ -372,13 +377,15 @@ class SafetyGuidedQuantization(Callback):
 
     def _budget_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | None = None) -> None:
         """One budget check: ask the tracker for a verdict, then apply it (keep the state it names, repair precision
-        over the budget) and log it."""
+        over the budget) and log it. The state judged is the one validation measured: taken before the feedback acted,
+        when it did."""
+        measured, self._measured = self._measured, None
         if self.tracker is None:
             return
         value = self._budget_signal(trainer, epoch)
         if value is None:
             return
-        size = model_size(pl_module)
+        state, size = measured if measured is not None else (None, model_size(pl_module))
         steer = not self.cooldown.active
         total = trainer.estimated_stepping_batches
         progress = trainer.global_step / total if 0 < total < float("inf") else None
@@ -390,7 +397,7 @@ class SafetyGuidedQuantization(Callback):
             rank_zero_info(f"[sgsc] budget reference {reference} fixed at step {trainer.global_step}; compressing")
         self.last_verdict = verdict
         if verdict.keep is not None:
-            self.tracker.keep(verdict, {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()})
+            self.tracker.keep(verdict, state if state is not None else _state_copy(pl_module))
             if verdict.keep == "best":
                 self._write_best_state(trainer)
         self.repaired = self._repair(trainer, pl_module) if verdict.violated and steer else 0
@@ -492,9 +499,11 @@ class SafetyGuidedQuantization(Callback):
         held = keep and tracker.closest_state is not None
         if held:
             pl_module.load_state_dict(tracker.closest_state)  # type: ignore[arg-type]
+        reason = tracker.why_none_met()
         rank_zero_warn(
             f"[sgsc] no state met the budget; the closest seen: {tracker.closest}"
             + ("; the module holds it." if held else "; the module keeps its last state.")
+            + (f" Why: {reason}." if reason else "")
         )
 
     # ----------------------------------------------------------------------------------------------- state
@@ -577,3 +586,8 @@ def _check_finite_step(pl_module: pl.LightningModule, layers: list[QuantizedLaye
                 f"At step {step} the training loss is not finite ({float(loss)}): the fit stops before the optimizer"
                 " moves any weight." + advice
             )
+
+
+def _state_copy(module: torch.nn.Module) -> dict[str, Tensor]:
+    """A copy of the module's state on the CPU (a state the budget may keep)."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}

@@ -251,9 +251,14 @@ def _digits_fit(tmp_path, **callback_kwargs):
 def test_a_fixed_penalty_overshoots_the_budget_and_the_budgeted_run_does_not(tmp_path):
     budget = Budget(max_drop=0.03, monitor="val/acc", mode="max", warmup_checks=6)
     budgeted, val = _digits_fit(tmp_path, bit_weight=1.0, budget=budget)
-    reference = budgeted.tracker.controller.reference.value
-    assert reference is not None and budgeted.tracker.best is not None
-    assert val >= reference - 0.03 - 1e-6  # the module holds the smallest state within the budget
+    tracker = budgeted.tracker
+    reference = tracker.controller.reference.value
+    # the module holds the smallest state within the budget or, where the 180 validation images' noise let none
+    # count as within it beyond doubt (as on some CPUs), the state nearest it, whose smoothed value was within it
+    held = tracker.best or tracker.closest
+    assert reference is not None and held is not None and held["drop"] <= 0.03
+    assert val == pytest.approx(held["metric"])  # the state held is the one its check measured
+    assert val >= reference - 0.03 - 1e-6
     _, fixed_val = _digits_fit(tmp_path, bit_weight=1.0)
     assert fixed_val < reference - 0.03  # the same starting penalty, held fixed, goes past it
 
@@ -314,6 +319,122 @@ def test_a_kept_state_is_dropped_when_the_reference_rises_past_it():
     _observe(tracker, 0.95, 900, 3.5, 3, "c")  # the reference rose past 0.92: "b" is over 2.5 points below it
     assert tracker.controller.reference.value > 0.92
     assert tracker.best_state == "c" and tracker.best is not None and tracker.best["metric"] == 0.95
+
+
+def test_when_no_state_met_the_budget_the_tracker_says_whether_the_noise_margin_was_the_reason():
+    # Fashion's seeds 1-2 at 0.3 points: the validation accuracy's noise margin (0.36) was wider than the budget, so no
+    # smoothed value short of the reference could count as within it; the user is told, with the figures
+    noisy = _tracker(0.01, max_drop=0.003, reference=0.91, warmup=0, smoothing=0.5)
+    for step, value in enumerate([0.903, 0.911, 0.904, 0.910, 0.905, 0.909, 0.906]):
+        _observe(noisy, value, 20_000 - step, 2.0, step, f"state {step}")
+    assert noisy.best is None and noisy.closest is not None and noisy.closest["slack"] >= 0
+    reason = noisy.why_none_met()
+    assert reason is not None and "max_drop=0.003" in reason and "as wide as the budget" in reason
+    assert noisy.narrowest_margin is not None and noisy.narrowest_margin >= 0.003
+    assert f"never fell below {noisy.narrowest_margin:.4g}" in reason
+    # a quiet metric whose closest state was within the budget on its smoothed value, short of the margin
+    close = _tracker(0.01, max_drop=0.02, reference=0.95, warmup=0, smoothing=0.0)
+    for step, value in enumerate([0.92, 0.94, 0.935, 0.94]):
+        _observe(close, value, 1000 - step, 2.0, step, f"state {step}")
+    assert close.best is None and close.closest is not None and close.closest["slack"] >= 0
+    reason = close.why_none_met()
+    assert reason is not None and f"less than the noise margin {close.closest['margin']:.4g}" in reason
+    assert "as wide as the budget" not in reason  # the margin was narrower than the budget at times
+    # over the budget beyond doubt: the noise is not the reason, nothing is said; a state within it: nothing either
+    over = _tracker(0.01, max_drop=0.01, reference=0.95, warmup=0, smoothing=0.0)
+    for step in range(5):
+        _observe(over, 0.80, 1000, 2.0, step, f"state {step}")
+    assert over.best is None and over.why_none_met() is None
+    met = _tracker(0.01, max_drop=0.02, reference=0.95, warmup=0, smoothing=0.0)
+    _observe(met, 0.95, 1000, 2.0, 1, "a")
+    assert met.best is not None and met.why_none_met() is None
+    # the narrowest margin survives a resume
+    resumed = _tracker(0.01, max_drop=0.003, reference=0.91, warmup=0, smoothing=0.5)
+    resumed.load_state_dict(noisy.state_dict())
+    assert resumed.why_none_met() == noisy.why_none_met()
+
+
+class _ScriptedScore(TinyClassifier):
+    """Logs ``val/score`` from a script, one value per epoch: the budget's monitor, exactly as chosen."""
+
+    def __init__(self, scores: list[float]) -> None:
+        super().__init__(lr=0.05)
+        self.scores = scores
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/score", self.scores[self.current_epoch])
+
+
+def test_the_warning_that_no_state_met_the_budget_says_when_the_noise_margin_was_the_reason(tmp_path):
+    budget = Budget(max_drop=0.02, monitor="val/score", mode="max", reference_value=0.95, warmup_checks=0)
+    trainer = cpu_trainer(tmp_path, [aggressive_callback(budget=budget)], max_epochs=4)
+    # inside the budget on the smoothed value from the second check on, but never by the swings' margin
+    with pytest.warns(UserWarning, match=r"no state met the budget.*Why: the closest state was within the budget"):
+        trainer.fit(_ScriptedScore([0.92, 0.94, 0.935, 0.94]))
+    with warnings.catch_warnings(record=True) as caught:  # over the budget beyond doubt: no reason given
+        warnings.simplefilter("always")
+        over = cpu_trainer(tmp_path, [aggressive_callback(budget=budget)], max_epochs=4)
+        over.fit(_ScriptedScore([0.80, 0.80, 0.80, 0.80]))
+    said = [str(w.message) for w in caught if "no state met the budget" in str(w.message)]
+    assert said and not any("Why:" in m for m in said)
+
+
+class _StateProbe(pl.Callback):
+    """Listed before the plugin: the module's state as validation measured it (before the plugin's feedback acts, in
+    ``on_validation_epoch_end``) and after the feedback acted, per step."""
+
+    def __init__(self) -> None:
+        self.measured: dict[int, dict[str, torch.Tensor]] = {}
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+
+    @staticmethod
+    def _copy(module):
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.measured[trainer.global_step] = self._copy(pl_module)
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.after[trainer.global_step] = self._copy(pl_module)
+
+
+def _same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _KeptProbe(pl.Callback):
+    """Listed after the plugin: the state its budget check kept, per step (when it kept one)."""
+
+    def __init__(self, plugin) -> None:
+        self.plugin, self.kept = plugin, {}
+
+    def on_validation_end(self, trainer, pl_module):
+        verdict, tracker = self.plugin.last_verdict, self.plugin.tracker
+        if not trainer.sanity_checking and verdict is not None and verdict.keep is not None:
+            state = tracker.best_state if verdict.keep == "best" else tracker.closest_state
+            self.kept[trainer.global_step] = ({k: v.clone() for k, v in state.items()}, verdict.record["bytes"])
+
+
+def test_the_state_kept_for_the_budget_is_the_state_its_check_measured_not_the_one_the_feedback_left(tmp_path):
+    # the check reads the epoch's metric in on_validation_end, after the feedback restored or pruned channels in
+    # on_validation_epoch_end: the state kept must be the one the metric was measured on, and so must its size
+    from lightning_sgsc import model_size
+
+    torch.manual_seed(0)
+    budget = Budget(max_drop=0.5, monitor="val/acc", mode="max", reference_value=0.5, warmup_checks=0)
+    cb = aggressive_callback(budget=budget)
+    before, after = _StateProbe(), _KeptProbe(cb)
+    trainer = cpu_trainer(tmp_path, [before, cb, after], max_epochs=6)
+    module = TinyClassifier(lr=0.05)
+    trainer.fit(module)
+    changed = {s for s in before.measured if not _same(before.measured[s], before.after[s])}
+    assert changed & after.kept.keys(), "no state was kept at a check where the feedback acted: nothing tested"
+    for step, (state, nbytes) in after.kept.items():
+        assert _same(state, before.measured[step]), f"step {step}: the state kept is not the one measured"
+        module.load_state_dict(before.measured[step])
+        assert nbytes == model_size(module).total_bytes
 
 
 def test_over_the_budget_the_loop_prunes_nothing_and_low_bit_channels_get_precision_back(tmp_path):
