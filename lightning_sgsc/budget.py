@@ -278,6 +278,8 @@ class BudgetTracker:
         self.closest_state: dict[str, Any] | None = None
         self.reference_step: int | None = None  # the step at which the reference phase ended
         self.narrowest_margin: float | None = None  # the smallest noise margin of the checks judged (accuracy budget)
+        self.judged = 0  # checks judged since the states began to compete (the fit, or the cool-down)
+        self.doubtful = 0  # of those: inside the budget on the smoothed value, not by the noise margin
 
     def observe(
         self,
@@ -298,21 +300,20 @@ class BudgetTracker:
             return Verdict(check)
         seen = {"metric": metric, "bytes": nbytes, "bits_per_weight": bits_per_weight, "drop": check.drop, "step": step}
         max_drop = self.budget.max_drop
-        margin = self.controller.noise_margin()
-        measured = self.controller.noise.count > 0  # the first check has no noise estimate yet, not a zero one
-        if (
-            self.budget.kind == "accuracy"
-            and measured
-            and (self.narrowest_margin is None or margin < self.narrowest_margin)
-        ):
-            self.narrowest_margin = margin
+        if self.budget.kind == "accuracy":
+            margin = self.controller.noise_margin()
+            self.judged += 1
+            self.doubtful += int(not check.within and 0 <= check.slack < margin)
+            measured = self.controller.noise.count > 0  # the first check has no noise estimate yet, not a zero one
+            if measured and (self.narrowest_margin is None or margin < self.narrowest_margin):
+                self.narrowest_margin = margin
         if self.best is not None and max_drop is not None and self.controller.drop(self.best["metric"]) > max_drop:
             self._demote_best()  # the reference rose since that state was kept: by today's reference it is over
         if check.within:
             if self.best is None or self._preferred(metric, nbytes):
                 return Verdict(check, "best", seen)
         elif self.best is None and (self.closest is None or not check.slack <= self.closest["slack"]):
-            return Verdict(check, "closest", {**seen, "slack": check.slack, "margin": margin})
+            return Verdict(check, "closest", {**seen, "slack": check.slack})
         return Verdict(check)
 
     def keep(self, verdict: Verdict, state: dict[str, Any]) -> None:
@@ -336,26 +337,24 @@ class BudgetTracker:
         that was kept becomes the :attr:`closest` one, held at the end if none of the new ones meets the budget and
         none comes nearer to it."""
         self._demote_best()
+        self.judged = self.doubtful = 0
 
     def why_none_met(self) -> str | None:
-        """Why no state met an accuracy budget, when the measurement noise is the reason (else None): a check is
-        within the budget when its smoothed drop is at most ``max_drop`` less the noise margin, so a closest state
-        inside the budget by less than the margin could not be told from its edge, and a margin as wide as the budget
-        leaves room for no state short of the reference. A closest state over the budget: the noise is not the
-        reason, nothing is said."""
-        max_drop, closest = self.budget.max_drop, self.closest
-        if self.best is not None or self.budget.kind != "accuracy" or max_drop is None or closest is None:
-            return None
-        if closest["slack"] < 0 or "margin" not in closest:
+        """Why no state met an accuracy budget, when the measurement noise is the reason (else None). A check is
+        within the budget when its smoothed drop is at most ``max_drop`` less the noise margin: checks inside the
+        budget by less than the margin could not be told from its edge, and a margin as wide as the budget leaves
+        room for no state short of the reference. Checks all over the budget: the noise is not the reason."""
+        max_drop = self.budget.max_drop
+        if self.best is not None or self.budget.kind != "accuracy" or max_drop is None or not self.doubtful:
             return None
         reason = (
-            f"the closest state was within the budget (max_drop={max_drop:g}) on its smoothed value by"
-            f" {closest['slack']:.4g}, less than the noise margin {closest['margin']:.4g}"
+            f"{self.doubtful} of {self.judged} checks were within the budget (max_drop={max_drop:g}) on their smoothed"
+            " value, by less than the noise margin"
         )
         if self.narrowest_margin is not None and self.narrowest_margin >= max_drop:
             reason += (
-                f", and the margin never fell below {self.narrowest_margin:.4g}, as wide as the budget: no state short"
-                " of the reference could count as within it"
+                f", which never fell below {self.narrowest_margin:.4g}, as wide as the budget: no state short of the"
+                " reference could count as within it"
             )
         return reason + "; a larger max_drop, or a steadier monitor (more validation data), lets states qualify"
 
@@ -377,6 +376,8 @@ class BudgetTracker:
             "closest_state": self.closest_state,
             "reference_step": self.reference_step,
             "narrowest_margin": self.narrowest_margin,
+            "judged": self.judged,
+            "doubtful": self.doubtful,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -385,6 +386,7 @@ class BudgetTracker:
         self.closest_state = state.get("closest_state")
         self.reference_step = state.get("reference_step")
         self.narrowest_margin = state.get("narrowest_margin")
+        self.judged, self.doubtful = state.get("judged", 0), state.get("doubtful", 0)
 
 
 class CoolDown:
