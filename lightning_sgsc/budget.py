@@ -25,9 +25,10 @@ the best smoothed value seen, raised (never lowered) by any later better value: 
 too.
 
 A check is *within* the budget when its measurement is and its smoothed value is by a margin of the noise, so the
-state kept is not one lucky measurement (winner's curse). :class:`BudgetTracker` says which state to keep (the
-smallest within the budget; for a size budget the most accurate; while none met it, the closest), and
-:class:`CoolDown` when the last share of the fit begins. Every state dict round-trips for exact resume.
+state kept is not one lucky measurement (winner's curse); the first measurement, with no noise estimate yet, never
+is. :class:`BudgetTracker` says which state to keep (the smallest within the budget; for a size budget the most
+accurate; while none met it, the closest), and :class:`CoolDown` when the last share of the fit begins. Every state
+dict round-trips for exact resume.
 """
 
 from __future__ import annotations
@@ -204,8 +205,10 @@ class BudgetController:
             self.log_weight -= 2.0 * self.step * min(1.0, -slack / max_drop)
         elif steer and slack > margin:  # room beyond the noise: compress more; within it: hold
             self.log_weight += self.step * min(1.0, slack / max_drop)
-        # met beyond doubt: the measurement within the budget, and the smoothed value by a margin of the noise
-        within = self.drop(metric) <= max_drop and drop <= max_drop - margin
+        # met beyond doubt: the measurement within the budget, and the smoothed value by a margin of the noise; the
+        # first measurement has no noise estimate yet (not a zero one), so it cannot be beyond doubt
+        measured = self.noise.count > 0
+        within = measured and self.drop(metric) <= max_drop and drop <= max_drop - margin
         return drop, slack, within
 
     def _steer_size(self, size: float | None, steer: bool) -> tuple[float, float, bool]:

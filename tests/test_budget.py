@@ -166,6 +166,7 @@ def test_a_state_within_the_budget_by_more_than_the_noise_is_kept_while_the_mode
 def test_relative_drops_and_min_mode():
     ctl = _ctl(0.01, max_drop=0.1, drop_type="relative", mode="min", reference=2.0, warmup=0)
     assert ctl.drop(2.1) == pytest.approx(0.05) and ctl.drop(1.9) == pytest.approx(-0.05)
+    assert not ctl.update(2.1).within  # the first measurement: no noise estimate yet
     assert ctl.update(2.1).within and not ctl.update(3.0).within
 
 
@@ -175,6 +176,17 @@ def test_within_needs_a_margin_of_the_noise():
     ctl.update(0.90)  # a noisy pair: the noise estimate is now large
     assert ctl.noise.value > 0.02
     assert not ctl.update(0.94).within  # 1 point below: inside the budget, not beyond doubt
+
+
+def test_the_first_check_is_not_within_the_budget_beyond_doubt_before_any_noise_is_measured():
+    # a two-step fit (a given reference, no warm-up): its first check has one measurement and no noise estimate, so
+    # "within by a margin of the noise" cannot be told; with cooldown_fraction 0 that state was the one held at the end
+    tracker = _tracker(0.01, max_drop=0.02, reference=0.95, warmup=0, smoothing=0.0)
+    first = _observe(tracker, 0.949, 1000, 4.0, 1, "a")
+    assert tracker.controller.noise.count == 0 and not first.within
+    assert tracker.best_state is None and tracker.closest_state == "a"  # still the fallback while none is within
+    second = _observe(tracker, 0.948, 900, 3.5, 2, "b")  # the noise is measured now (0.1 point)
+    assert second.within and tracker.best_state == "b"
 
 
 def test_a_size_budget_steers_the_weight_to_the_target():
@@ -355,6 +367,7 @@ def test_when_no_state_met_the_budget_the_tracker_says_whether_the_noise_margin_
     assert over.best is None and over.why_none_met() is None
     met = _tracker(0.01, max_drop=0.02, reference=0.95, warmup=0, smoothing=0.0)
     _observe(met, 0.95, 1000, 2.0, 1, "a")
+    _observe(met, 0.95, 1000, 2.0, 2, "b")  # the second check: the first with a noise estimate
     assert met.best is not None and met.why_none_met() is None
     # what it counts survives a resume
     resumed = _tracker(0.01, max_drop=0.003, reference=0.91, warmup=0, smoothing=0.5)
