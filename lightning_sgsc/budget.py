@@ -127,6 +127,11 @@ class BudgetController:
         """How much worse ``value`` is than the reference (relative: as a share of it)."""
         return self.reference.drop(value, relative=self.budget.drop_type == "relative")
 
+    @property
+    def noise_measured(self) -> bool:
+        """Whether the noise has an estimate yet: the first measurement has none (not a zero one)."""
+        return self.noise.count > 0
+
     def noise_margin(self) -> float:
         """How far inside the budget the smoothed value must be to count as within it beyond doubt: the measurement
         noise, in the budget's unit (a share of the reference for a relative drop)."""
@@ -207,8 +212,7 @@ class BudgetController:
             self.log_weight += self.step * min(1.0, slack / max_drop)
         # met beyond doubt: the measurement within the budget, and the smoothed value by a margin of the noise; the
         # first measurement has no noise estimate yet (not a zero one), so it cannot be beyond doubt
-        measured = self.noise.count > 0
-        within = measured and self.drop(metric) <= max_drop and drop <= max_drop - margin
+        within = self.noise_measured and self.drop(metric) <= max_drop and drop <= max_drop - margin
         return drop, slack, within
 
     def _steer_size(self, size: float | None, steer: bool) -> tuple[float, float, bool]:
@@ -307,8 +311,7 @@ class BudgetTracker:
             margin = self.controller.noise_margin()
             self.judged += 1
             self.doubtful += int(not check.within and 0 <= check.slack < margin)
-            measured = self.controller.noise.count > 0  # the first check has no noise estimate yet, not a zero one
-            if measured and (self.narrowest_margin is None or margin < self.narrowest_margin):
+            if self.controller.noise_measured and (self.narrowest_margin is None or margin < self.narrowest_margin):
                 self.narrowest_margin = margin
         if self.best is not None and max_drop is not None and self.controller.drop(self.best["metric"]) > max_drop:
             self._demote_best()  # the reference rose since that state was kept: by today's reference it is over

@@ -333,8 +333,9 @@ class SafetyGuidedQuantization(Callback):
             if not math.isfinite(metric):
                 rank_zero_warn(f"[sgsc] preservation metric is {metric}; skipping restore/prune this time.")
             config = self.settings.feedback
-            if self.tracker is not None and decision.action is not Action.SKIP:
-                self._measured = (_state_copy(pl_module), model_size(pl_module))
+            # only this epoch's check may read the copy: one left by a feedback whose check never ran is dropped here
+            acts = self.tracker is not None and decision.action is not Action.SKIP
+            self._measured = (_state_copy(pl_module), model_size(pl_module)) if acts else None
             with eval_mode(pl_module):
                 scores = lambda: self._restore_scores(trainer, pl_module, config.restore_bits)  # noqa: E731
                 event = apply_decision(pl_module, decision, config, scores, list(trainer.optimizers))

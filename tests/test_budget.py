@@ -641,3 +641,22 @@ def test_one_fit_from_scratch_logs_its_phases_and_when_the_reference_was_fixed(t
     rows = [r for r in csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")) if r.get("sgsc/phase")]
     assert {float(r["sgsc/phase"]) for r in rows} == {0.0, 1.0, 2.0}
     assert all(r["sgsc/reference"] for r in rows if float(r["sgsc/phase"]) > 0)
+
+
+def test_a_state_copied_for_a_check_that_never_came_does_not_reach_a_later_check(tmp_path, monkeypatch):
+    # a resumed fit runs the missed epoch's feedback without its monitored budget check; if the next feedback skips,
+    # the next check must judge the module as it is, not the copy taken before that earlier feedback acted
+    from lightning_sgsc import model_size
+    from lightning_sgsc.feedback import Action, Decision
+
+    torch.manual_seed(0)
+    budget = Budget(max_drop=0.5, monitor="val/acc", mode="max", reference_value=0.5, warmup_checks=0)
+    cb = aggressive_callback(budget=budget)
+    trainer = cpu_trainer(tmp_path, [cb], max_epochs=2)
+    module = TinyClassifier(lr=0.05)
+    trainer.fit(module)
+    stale = {k: torch.zeros_like(v) for k, v in module.state_dict().items()}
+    cb._measured = (stale, model_size(module))  # left by a feedback whose check did not run
+    monkeypatch.setattr(cb.policy, "decide", lambda *args, **kwargs: Decision(Action.SKIP, 0.9, 0.9, 0.0))
+    cb._feedback(trainer, module, log=False)
+    assert cb._measured is None
